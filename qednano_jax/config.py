@@ -1,0 +1,253 @@
+"""Typed, documented, validated configs (DESIGN.md principle 6).
+
+A config is a tree of frozen dataclasses. Every field is declared with `field(default, help, ...)`: a type (the
+annotation), a one-line description and optional bounds/choices. YAML files are loaded as
+
+    base file(s) (the `base:` key, paths relative to the file)  ->  the file itself  ->  key=value overrides
+
+and then converted with `from_dict`, which rejects unknown keys and bad values with an error naming the field
+(e.g. `model.num_layers: expected int >= 1, got 0`). A section value that is a string ending in `.yaml`
+(e.g. `model: model/qwen3-4b-thinking-2507.yaml`) is loaded from that file, relative to the including file or to
+the repository's `configs/` folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of bounds; the message names the field."""
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+          ge: float | None = None, gt: float | None = None, le: float | None = None,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a description and optional bounds (checked by `from_dict` and `validate`)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Qwen3 decoder hyper-parameters (SPEC.md §1). The defaults are the tiny CPU demo model, which uses the real
+    Qwen3 vocabulary (151,936 rows) so that the real tokenizer drives it."""
+    vocab_size: int = field(151936, "rows of the embedding / LM head", ge=1)
+    hidden_size: int = field(64, "model width (embed axis)", ge=1)
+    intermediate_size: int = field(128, "SwiGLU MLP width (mlp axis)", ge=1)
+    num_layers: int = field(2, "decoder layers (scanned: compiled once)", ge=1)
+    num_heads: int = field(4, "query heads", ge=1)
+    num_kv_heads: int = field(2, "key/value heads (GQA); must divide num_heads", ge=1)
+    head_dim: int = field(16, "per-head width; may differ from hidden_size / num_heads", ge=2)
+    rope_theta: float = field(1_000_000.0, "RoPE base frequency (5e6 for the 2507 models)", gt=0)
+    rms_norm_eps: float = field(1e-6, "RMSNorm epsilon", gt=0)
+    tie_word_embeddings: bool = field(True, "LM head shares the embedding matrix")
+    max_position_embeddings: int = field(4096, "longest position the model is meant for", ge=1)
+    bos_token_id: int = field(151643, "BOS id written to the HF config")
+    eos_token_id: int = field(151645, "EOS id (<|im_end|>) written to the HF config")
+    initializer_range: float = field(0.02, "std of the normal init of random weights", gt=0)
+    dtype: str = field("float32", "compute dtype of matmuls and activations",
+                       choices=("float32", "bfloat16", "float16"))
+    param_dtype: str = field("float32", "dtype the parameters are stored in",
+                             choices=("float32", "bfloat16", "float16"))
+    remat_policy: str = field("none", "activation checkpointing of each scanned layer (see model.qwen3.REMAT_POLICIES)",
+                              choices=("none", "full", "dots", "dots_no_batch", "qkv_proj", "minimal"))
+    logprob_chunk: int = field(1024, "sequence chunk for logprobs/loss: [B, chunk, vocab] logits exist at once", ge=1)
+    attention_chunk: int = field(0, "query chunk for attention in the full forward (0 = one block): bounds the "
+                                 "[B, heads, chunk, length] score tensor on long rows", ge=0)
+
+    def __post_init__(self):
+        validate(self)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
+
+
+# ----------------------------------------------------------------------------------------------- machinery
+
+def validate(obj: Any, where: str = "") -> None:
+    """Check every field of a config dataclass against its type-level bounds; raise ConfigError naming it."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        name = f"{where}{f.name}"
+        m = f.metadata
+        if m.get("choices") is not None and v not in m["choices"]:
+            raise ConfigError(f"{name}: {v!r} is not one of {list(m['choices'])}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                                  ("le", lambda a, b: a <= b, "<=")):
+                if m.get(key) is not None and not ok(v, m[key]):
+                    raise ConfigError(f"{name}: expected a value {word} {m[key]}, got {v!r}")
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where=f"{name}.")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{name}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(kt, k, name): _coerce(vt, v, f"{name}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build config dataclass `cls` from a plain dict; unknown keys and bad values raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown config key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as e:
+        if where and not str(e).startswith(where):
+            raise ConfigError(f"{where}{e}") from None
+        raise
+    validate(obj, where)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Config dataclass -> plain dict (tuples become lists), e.g. to save next to a run."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve(ref: str, here: Path) -> Path:
+    for cand in (here / ref, CONFIGS_DIR / ref, Path(ref)):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file {ref!r} not found (looked next to {here} and in {CONFIGS_DIR})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Load a YAML config with its `base:` chain and `*.yaml` section includes resolved into one dict."""
+    path = _resolve(str(path), Path.cwd())
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top")
+    bases = raw.pop("base", None) or []
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, load_yaml(_resolve(b, path.parent)))
+    for k, v in list(raw.items()):
+        if isinstance(v, str) and v.endswith((".yaml", ".yml")):
+            raw[k] = load_yaml(_resolve(v, path.parent))
+    return _merge(merged, raw)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text else ""
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and "." not in key:
+            value = load_yaml(value)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per field, `name (type, default): help`, for `--help` output and docs."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        lines.append(f"{prefix}{f.name} ({getattr(tp, '__name__', tp)}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

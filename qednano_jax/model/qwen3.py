@@ -1,0 +1,319 @@
+"""The Qwen3 decoder as pure functions over a params pytree (SPEC.md §1).
+
+GQA attention with a per-head RMSNorm on q and k before RoPE, SwiGLU MLP, RMSNorm, tied or untied LM head, no
+attention bias. The params are a nested dict of arrays (pure data for jit, donation and orbax); `param_axes` gives
+the logical axis names of every leaf (DESIGN.md principle 1). The decoder layers are stacked on a leading `layers`
+axis and run under `lax.scan`, so 36 layers compile once.
+
+Shape letters: b batch, t query length, s key length, d embed, h query heads, k kv heads, g heads per kv head,
+e head_dim, f mlp, v vocab, l layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from qednano_jax.config import ModelConfig
+from qednano_jax.sharding import constrain
+
+Params = dict[str, Any]
+
+_NEG = -1e30  # finite "minus infinity": a fully masked (padding) row stays finite
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "minimal": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj", "mlp_gate", "mlp_up"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- params
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter leaf."""
+    L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D), "q_proj": (L, D, H, E), "k_proj": (L, D, K, E), "v_proj": (L, D, K, E),
+            "q_norm": (L, E), "k_norm": (L, E), "o_proj": (L, H, E, D),
+            "mlp_norm": (L, D), "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (V, D)
+    return shapes
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter leaf (same tree as `param_shapes`)."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "norm"),
+            "q_proj": ("layers", "embed", "heads", "head_dim"),
+            "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+            "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+            "q_norm": ("layers", "head_dim_norm"), "k_norm": ("layers", "head_dim_norm"),
+            "o_proj": ("layers", "heads", "head_dim", "embed"),
+            "mlp_norm": ("layers", "norm"),
+            "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
+            "down_proj": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("vocab", "embed")
+    return axes
+
+
+def _is_norm(path: tuple) -> bool:
+    return str(getattr(path[-1], "key", path[-1])).endswith("norm")
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random weights: normal(0, initializer_range) matrices, unit norm weights, in `param_dtype`."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        if _is_norm(path):
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((cfg.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """ShapeDtypeStructs of the params (no memory allocated)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in fp32, cast back to x's dtype before the weight (as HF Qwen3RMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split ("rotate_half") layout as in HF Qwen3, computed in fp32."""
+    e = x_bthe.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    ang = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    x = x_bthe.astype(jnp.float32)
+    x1, x2 = x[..., : e // 2], x[..., e // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthe.dtype)
+
+
+def _attend(q_bthe, k_bske, v_bske, mask_bts):
+    """Grouped-query softmax attention; scores and softmax in fp32."""
+    b, t, h, e = q_bthe.shape
+    kh = k_bske.shape[2]
+    q = q_bthe.reshape(b, t, kh, h // kh, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
+    return out.reshape(b, t, h, e)
+
+
+def _attention(q, k, v, mask_fn, chunk: int):
+    """Attention with the mask built per query block, so that at most [b, heads, chunk, s] scores exist."""
+    t = q.shape[1]
+    if chunk <= 0 or chunk >= t or t % chunk:
+        return _attend(q, k, v, mask_fn(0, t))
+    n = t // chunk
+
+    def one(i):
+        qi = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, axis=1)
+        return _attend(qi, k, v, mask_fn(i * chunk, chunk))
+
+    out = jax.lax.map(one, jnp.arange(n))  # [n, b, chunk, h, e]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, mask_fn, kv_write=None):
+    """One decoder layer. `kv_write(k, v) -> (keys, values)` stores new k/v in a cache and returns what to attend."""
+    dt = jnp.dtype(cfg.dtype)
+    w = lambda name: lp[name].astype(dt)
+    h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
+    q = checkpoint_name(jnp.einsum("btd,dhe->bthe", h, w("q_proj")), "query_proj")
+    k = checkpoint_name(jnp.einsum("btd,dke->btke", h, w("k_proj")), "key_proj")
+    v = checkpoint_name(jnp.einsum("btd,dke->btke", h, w("v_proj")), "value_proj")
+    q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+    q = rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
+    k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
+    if kv_write is not None:
+        k, v = kv_write(k, v)
+    a = _attention(q, k, v, mask_fn, cfg.attention_chunk if kv_write is None else 0)
+    o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
+    x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    g = checkpoint_name(jnp.einsum("btd,df->btf", h, w("gate_proj")), "mlp_gate")
+    u = checkpoint_name(jnp.einsum("btd,df->btf", h, w("up_proj")), "mlp_up")
+    hidden = constrain(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+    x = x + jnp.einsum("btf,fd->btd", hidden, w("down_proj"))
+    return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def _maybe_remat(cfg: ModelConfig, fn):
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def _embed(cfg: ModelConfig, params: Params, tokens_bt):
+    x = jnp.take(params["embed"], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+    return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
+    """[vocab, embed] matrix of the LM head (the embedding when tied)."""
+    return params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_btd: jax.Array) -> jax.Array:
+    """LM head: fp32 logits [b, t, v]."""
+    dt = jnp.dtype(cfg.dtype)
+    logits = jnp.einsum("btd,vd->btv", hidden_btd.astype(dt), head_weight(cfg, params).astype(dt),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states [b, t, d] of a full (training) forward.
+
+    Packed rows: `segment_ids` [b, t] (0 = padding) and per-segment `positions`; a token attends to earlier tokens
+    of its own segment only. Without segment ids every token of a row is one sequence.
+    """
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    idx = jnp.arange(t)
+
+    def mask_fn(start, size):
+        qi = start + jnp.arange(size)
+        causal = (idx[None, :] <= qi[:, None])[None]  # [1, size, t]
+        if segment_ids is None:
+            return jnp.broadcast_to(causal, (b, size, t))
+        seg_q = jax.lax.dynamic_slice_in_dim(segment_ids, start, size, axis=1)
+        return causal & (seg_q[:, :, None] == segment_ids[:, None, :])
+
+    def body(x, lp):
+        return _layer(cfg, lp, x, positions, mask_fn), None
+
+    x, _ = jax.lax.scan(_maybe_remat(cfg, body), _embed(cfg, params, tokens), params["layers"])
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits [b, t, vocab] in fp32. For long rows use `token_logprobs`, which never builds all logits at once."""
+    h = hidden_states(cfg, params, tokens, positions=positions, segment_ids=segment_ids)
+    return logits_from_hidden(cfg, params, h)
+
+
+def token_logprobs(cfg: ModelConfig, params: Params, hidden_btd: jax.Array, targets_bt: jax.Array, *,
+                   temperature: float = 1.0, with_entropy: bool = False):
+    """log p(target) under softmax(logits / temperature), and optionally the entropy of that distribution.
+
+    Computed in sequence chunks of `cfg.logprob_chunk` under `jax.checkpoint`, so only [b, chunk, vocab] logits
+    exist at once, in the forward and in the backward pass (DESIGN.md scale targets). Returns fp32 [b, t] arrays.
+    """
+    b, t, d = hidden_btd.shape
+    c = min(cfg.logprob_chunk, t)
+    n = -(-t // c)
+    pad = n * c - t
+    h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+    y = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    dt = jnp.dtype(cfg.dtype)
+    w = head_weight(cfg, params)
+
+    @jax.checkpoint
+    def one(args):
+        h_bcd, y_bc = args
+        logits = jnp.einsum("bcd,vd->bcv", h_bcd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        logits = logits / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, y_bc[..., None], axis=-1)[..., 0] - lse
+        if not with_entropy:
+            return lp, jnp.zeros_like(lp)
+        p = jnp.exp(logits - lse[..., None])
+        return lp, lse - jnp.sum(p * logits, axis=-1)
+
+    lp, ent = jax.lax.map(one, (h, y))
+    lp = lp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    if not with_entropy:
+        return lp
+    return lp, ent.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+
+def cache_axes() -> dict:
+    return {"k": ("layers", "act_batch", None, "act_kv_heads", None),
+            "v": ("layers", "act_batch", None, "act_kv_heads", None)}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """Empty KV cache {k, v}: [layers, batch, max_len, kv_heads, head_dim] in the compute dtype."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: dict):
+    """Prefill or decode step with a KV cache. Returns (final-norm hidden [b, t, d], new cache).
+
+    Row r's tokens sit at cache slots `positions[r]` (contiguous: positions[r, 0] + arange(t)); a query at
+    position p attends to slots <= p. Prompts are right-padded: a padded tail writes junk slots beyond the prompt,
+    which the decode steps overwrite before any query can see them.
+    """
+    b, t = tokens.shape
+    slots = jnp.arange(cache["k"].shape[2])
+
+    def mask_fn(start, size):
+        return slots[None, None, :] <= positions[:, :, None]
+
+    def write(c, new):
+        return jax.vmap(lambda c_r, n_r, p: jax.lax.dynamic_update_slice(c_r, n_r, (p, 0, 0)))(
+            c, new.astype(c.dtype), positions[:, 0])
+
+    def body(x, layer):
+        lp, ck, cv = layer
+        stored = {}
+
+        def kv_write(k, v):
+            stored["k"], stored["v"] = write(ck, k), write(cv, v)
+            return stored["k"], stored["v"]
+
+        x = _layer(cfg, lp, x, positions, mask_fn, kv_write)
+        return x, (stored["k"], stored["v"])
+
+    x, (k, v) = jax.lax.scan(body, _embed(cfg, params, tokens), (params["layers"], cache["k"], cache["v"]))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), {"k": k, "v": v}
