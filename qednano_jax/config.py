@@ -74,6 +74,13 @@ class ModelConfig:
             raise ConfigError(f"model.num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
 
 
+# ----------------------------------------------------------------------------------------------- sections: sft
+# (mesh, data, optim, train, checkpoint and the top-level Config: owned by the SFT stage)
+
+# ----------------------------------------------------------------------------------------------- sections: rollout
+
+# ----------------------------------------------------------------------------------------------- sections: reward, rl
+
 # ----------------------------------------------------------------------------------------------- machinery
 
 def validate(obj: Any, where: str = "") -> None:
