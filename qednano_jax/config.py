@@ -77,6 +77,103 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------- sections: sft
 # (mesh, data, optim, train, checkpoint and the top-level Config: owned by the SFT stage)
 
+SAMPLE_SFT_DATA = str(Path(__file__).resolve().parent / "samples" / "fineproofs_sft.jsonl")
+
+
+def _default_rules() -> dict:
+    from qednano_jax.sharding import RULE_SETS
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in RULE_SETS["fsdp"].items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and logical-axis rules (DESIGN.md principle 1). configs/mesh/{dp,fsdp,tp,fsdp_tp}.yaml hold the
+    four strategies; include one with `mesh: mesh/fsdp.yaml`."""
+    shape: dict[str, int] = field(help="mesh axis sizes {data, fsdp, tensor}; one may be -1 (= remaining devices)",
+                                  default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    rules: dict[str, Any] = field(help="logical axis -> mesh axis / list of axes / null (replicated)",
+                                  default_factory=_default_rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """FineProofs-SFT rows -> Qwen3 thinking chat -> packed rows (SPEC.md §2). The defaults read the bundled
+    sample file."""
+    path: str = field(SAMPLE_SFT_DATA, "local .jsonl/.json/.parquet file or folder, or a hub dataset id "
+                      "(e.g. lm-provers/FineProofs-SFT)")
+    name: str | None = field(None, "hub dataset config (FineProofs-SFT: `default` = 4,281 unique problems, `all`)")
+    split: str = field("train", "dataset split")
+    tokenizer: str = field("qwen3", "`qwen3` (bundled real tokenizer) or a local HF tokenizer dir")
+    prompt_template: str = field("{problem}", "user turn; {problem} is replaced by the row's problem (SPEC.md §2: "
+                                 "the teacher saw the raw problem)")
+    seq_len: int = field(2048, "tokens per packed row (SPEC.md §2 recipe: 45,056)", ge=8)
+    overlong: str = field("truncate", "an example longer than seq_len: `drop` it or `truncate` it (counted either "
+                          "way)", choices=("drop", "truncate"))
+    on_malformed: str = field("error", "a row with a missing/empty/non-string field: `error` (naming row and field) "
+                              "or `skip` (counted)", choices=("error", "skip"))
+    max_examples: int = field(0, "use only the first N rows (0 = all)", ge=0)
+    shuffle_seed: int = field(0, "seed of the per-epoch shuffle (each epoch reshuffled)", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with grad-norm clipping and a warmup + cosine (SFT) or constant (RL: 1e-6, SPEC.md §3) schedule."""
+    lr: float = field(1e-3, "peak learning rate", gt=0)
+    schedule: str = field("cosine", "learning-rate shape after warmup", choices=("cosine", "constant"))
+    warmup_ratio: float = field(0.1, "fraction of train.steps spent in linear warmup from 0", ge=0, le=1)
+    final_lr_ratio: float = field(0.0, "cosine: lr at the last step as a fraction of the peak", ge=0, le=1)
+    b1: float = field(0.9, "AdamW beta1", ge=0, le=1)
+    b2: float = field(0.999, "AdamW beta2", ge=0, le=1)
+    eps: float = field(1e-8, "AdamW epsilon", gt=0)
+    weight_decay: float = field(0.0, "decoupled weight decay (not applied to norm weights)", ge=0)
+    clip_norm: float = field(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, batch, accumulation, initialisation, run directory."""
+    steps: int = field(30, "optimizer steps", ge=1)
+    batch_size: int = field(4, "packed rows per optimizer step (global, all hosts)", ge=1)
+    micro_batches: int = field(1, "gradient accumulation: the batch is split into this many micro-batches "
+                               "(lax.scan); must divide batch_size", ge=1)
+    init: str = field("random", "`random` (seeded init) or a local HF checkpoint dir to fine-tune")
+    seed: int = field(0, "seed of the random init and of the train-state RNG", ge=0)
+    run_dir: str = field("runs/sft-tiny", "checkpoints, config.yaml, metrics.jsonl, TensorBoard events, exports")
+    log_every: int = field(1, "write metrics every N steps", ge=1)
+    export_hf: bool = field(True, "export the final params as an HF checkpoint to run_dir/hf")
+    peak_flops: float = field(0.0, "per-device peak FLOP/s for the MFU estimate (0 = report none)", ge=0)
+    progress: bool = field(True, "show a tqdm progress bar")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """orbax checkpoints in run_dir/checkpoints (DESIGN.md principle 4)."""
+    every: int = field(10, "save every N steps (and at the last step)", ge=1)
+    keep: int = field(3, "newest checkpoints kept", ge=1)
+    async_save: bool = field(True, "write checkpoints in the background while training continues")
+    export_hf_each: bool = field(False, "also export each checkpoint as an HF checkpoint (run_dir/hf-step-N)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run. `stage` picks the loop (`python -m qednano_jax.train CONFIG`); the defaults are the tiny CPU
+    SFT demo on the bundled sample data."""
+    stage: str = field("sft", "which loop runs this config", choices=("sft", "rl", "rc"))
+    model: ModelConfig = field(help="the Qwen3 decoder (ignored for the architecture when train.init is an HF dir)",
+                               default_factory=ModelConfig)
+    mesh: MeshConfig = field(help="device mesh and sharding rules", default_factory=MeshConfig)
+    data: DataConfig = field(help="SFT data", default_factory=DataConfig)
+    optim: OptimConfig = field(help="optimizer", default_factory=OptimConfig)
+    train: TrainConfig = field(help="training loop", default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(help="checkpointing", default_factory=CheckpointConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
+    """YAML file (or the embedded defaults when None) + `key=value` overrides -> validated Config."""
+    data = load_yaml(path) if path else {}
+    return from_dict(Config, apply_overrides(data, list(overrides)))
+
+
 # ----------------------------------------------------------------------------------------------- sections: rollout
 
 # ----------------------------------------------------------------------------------------------- sections: reward, rl
