@@ -1,0 +1,406 @@
+"""HF Qwen3 checkpoints in and out (DESIGN.md principle 5, SPEC.md §1).
+
+In: a local HF directory (config.json + model.safetensors, or shards listed in model.safetensors.index.json) is read
+straight onto the target sharding, one parameter at a time, each device reading only its own slice of the files.
+Out: config.json, safetensors shard(s) (+ index), generation_config.json and the tokenizer files, which transformers'
+`from_pretrained` and SGLang load as they are.
+
+`MAPPING` is the single table between HF tensor names and our param paths; loading and saving both walk it, so a
+layout fix in one place fixes both directions. Safetensors only: no pickle, no remote code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy views use)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from qednano_jax.config import ModelConfig, from_dict
+from qednano_jax.model import qwen3
+from qednano_jax.sharding import Rules, tree_shardings
+
+ARCHITECTURE, MODEL_TYPE = "Qwen3ForCausalLM", "qwen3"
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype codes a float parameter may be stored as
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# Sampling defaults of Qwen3-4B-Thinking-2507's own generation_config.json (SPEC.md §1 base model)
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of the mapping.
+
+    `hf` is the HF tensor name; `{i}` marks a per-layer tensor, stacked on our leading `layers` axis. `split` = 0:
+    same layout both sides. `split` = n > 0: HF holds a torch Linear weight [out, in] and we hold [in..., out...]
+    where our first n (per-layer) axes make HF's `in` axis; e.g. q_proj HF [H*E, D] <-> ours [D, H, E] (n = 1),
+    o_proj HF [D, H*E] <-> ours [H, E, D] (n = 2).
+    """
+    hf: str
+    ours: tuple[str, ...]
+    split: int = 0
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+MAPPING = (
+    Entry("model.embed_tokens.weight", ("embed",)),
+    Entry("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm")),
+    Entry("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q_proj"), 1),
+    Entry("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k_proj"), 1),
+    Entry("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v_proj"), 1),
+    Entry("model.layers.{i}.self_attn.q_norm.weight", ("layers", "q_norm")),
+    Entry("model.layers.{i}.self_attn.k_norm.weight", ("layers", "k_norm")),
+    Entry("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o_proj"), 2),
+    Entry("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
+    Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate_proj"), 1),
+    Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "up_proj"), 1),
+    Entry("model.layers.{i}.mlp.down_proj.weight", ("layers", "down_proj"), 1),
+    Entry("model.norm.weight", ("final_norm",)),
+    Entry("lm_head.weight", ("lm_head",)),
+)
+TIED_HEAD = "lm_head.weight"  # may appear in a tied checkpoint; accepted when equal to the embedding
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _leaf_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one HF tensor of `entry`, given our (stacked) leaf shape."""
+    s = shape[1:] if entry.per_layer else shape
+    if not entry.split:
+        return tuple(s)
+    return (math.prod(s[entry.split:]), math.prod(s[:entry.split]))
+
+
+def _entries(cfg: ModelConfig) -> list[tuple[Entry, tuple[int, ...]]]:
+    """(entry, our leaf shape) for every leaf of `cfg`'s params, in mapping order."""
+    shapes = qwen3.param_shapes(cfg)
+    out = []
+    for e in MAPPING:
+        try:
+            out.append((e, tuple(_get(shapes, e.ours))))
+        except KeyError:  # lm_head of a tied model
+            continue
+    return out
+
+
+def hf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, Entry, int | None, tuple[int, ...]]]:
+    """(HF name, entry, layer or None, HF shape) of every tensor of an HF checkpoint of `cfg`, in mapping order."""
+    for e, shape in _entries(cfg):
+        hf_shape = _leaf_shape(e, shape)
+        for layer in range(cfg.num_layers) if e.per_layer else [None]:
+            yield (e.hf.format(i=layer) if e.per_layer else e.hf), e, layer, hf_shape
+
+
+def to_hf(entry: Entry, x: np.ndarray) -> np.ndarray:
+    """One of our per-layer arrays -> the HF tensor (C-contiguous)."""
+    if not entry.split:
+        return np.ascontiguousarray(x)
+    n = entry.split
+    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:])).T)
+
+
+def _read_block(view: Any, entry: Entry, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
+    """Block `idx` of our per-layer array of shape `shape`, reading only the rows/columns of the HF tensor it needs.
+
+    For a transposed entry the HF rows/columns are whole groups of our first in/out axis (e.g. whole heads); the
+    finer slices of the remaining axes are taken after the transpose.
+    """
+    if not entry.split:
+        return view[idx] if idx else view[:]
+    n = entry.split
+    ins, outs = shape[:n], shape[n:]
+    in_idx, out_idx = idx[:n], idx[n:]
+
+    def coarse(dims, sl):
+        r = math.prod(dims[1:])
+        return slice(sl[0].start * r, sl[0].stop * r)
+
+    block = view[coarse(outs, out_idx), coarse(ins, in_idx)]  # HF layout [out, in]
+    block = block.reshape(out_idx[0].stop - out_idx[0].start, *outs[1:], in_idx[0].stop - in_idx[0].start, *ins[1:])
+    block = block.transpose(tuple(range(len(outs), len(outs) + len(ins))) + tuple(range(len(outs))))
+    return block[(slice(None),) + in_idx[1:] + (slice(None),) + out_idx[1:]]
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+def model_config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
+    """ModelConfig from an HF Qwen3 config.json dict (transformers 4 `rope_theta` or 5 `rope_parameters`).
+
+    The checkpoint's dtype becomes both `dtype` and `param_dtype` unless overridden. Anything our decoder does not
+    implement (another architecture, sliding windows, RoPE scaling, attention bias, another activation) is an error.
+    """
+    arch = hf.get("architectures") or [ARCHITECTURE]
+    mtype = hf.get("model_type", MODEL_TYPE)
+    if ARCHITECTURE not in arch or mtype != MODEL_TYPE:
+        raise ValueError(f"config.json: architecture {arch} / model_type {mtype!r} is not supported; "
+                         f"only {ARCHITECTURE} (model_type {MODEL_TYPE!r}) is")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for where, r in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        kind = r.get("rope_type", r.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"config.json: {where}.rope_type {kind!r} is not supported (only plain RoPE)")
+    checks = (("hidden_act", "silu"), ("attention_bias", False), ("use_sliding_window", False))
+    for key, want in checks:
+        if hf.get(key, want) != want:
+            raise ValueError(f"config.json: {key} = {hf[key]!r} is not supported (expected {want!r})")
+    kinds = set(hf.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"config.json: layer_types {sorted(kinds)} are not supported (only full_attention)")
+    theta = hf.get("rope_theta", rope.get("rope_theta"))
+    if theta is None:
+        raise ValueError("config.json: no rope_theta (top level or in rope_parameters)")
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    eos = hf.get("eos_token_id")
+    fields = {
+        "vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"], "num_layers": hf["num_hidden_layers"],
+        "num_heads": hf["num_attention_heads"],
+        "num_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        "head_dim": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        "rope_theta": float(theta), "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "max_position_embeddings": hf.get("max_position_embeddings", 32768),
+        "initializer_range": hf.get("initializer_range", 0.02),
+        "dtype": dtype, "param_dtype": dtype,
+    }
+    if hf.get("bos_token_id") is not None:
+        fields["bos_token_id"] = hf["bos_token_id"]
+    if eos is not None:
+        fields["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
+    fields.update(overrides)
+    return from_dict(ModelConfig, fields)
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """config.json of `cfg` for transformers (4 and 5) and SGLang; the weights' dtype is `cfg.param_dtype`."""
+    L = cfg.num_layers
+    return {
+        "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": L, "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
+        "max_window_layers": L, "layer_types": ["full_attention"] * L,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "initializer_range": cfg.initializer_range, "use_cache": True,
+        "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
+    }
+
+
+def generation_config_dict(cfg: ModelConfig) -> dict:
+    """generation_config.json: stop ids (EOS and the BOS/<|endoftext|> id, as Qwen3 ships) and sampling defaults."""
+    eos = [cfg.eos_token_id] + ([cfg.bos_token_id] if cfg.bos_token_id != cfg.eos_token_id else [])
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.bos_token_id,
+            **GENERATION_DEFAULTS}
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (an HF checkpoint directory needs it)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def _tensor_files(path: Path) -> tuple[dict[str, Path], Path]:
+    """{tensor name: file} from the index (sharded) or the single file; also the file that lists the names."""
+    if (path / INDEX_FILE).is_file():
+        weight_map = _read_json(path / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX_FILE}: no weight_map")
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: listed in {path / INDEX_FILE} but missing")
+        return files, path / INDEX_FILE
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(path / SINGLE_FILE, framework="np") as f:
+            return {name: path / SINGLE_FILE for name in f.keys()}, path / SINGLE_FILE
+    raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)")
+
+
+def _check_tensors(cfg: ModelConfig, files: dict[str, Path], listing: Path, handles: dict[Path, Any]) -> None:
+    """Every tensor present with the right shape and a float dtype, and nothing else (TIED_HEAD aside)."""
+    expected = {name: shape for name, _, _, shape in hf_tensors(cfg)}
+    for name, f in files.items():
+        if name not in handles[f].keys():
+            raise ValueError(f"{f}: tensor {name} is listed in {listing} but not stored in this file")
+        view = handles[f].get_slice(name)
+        shape, dtype = tuple(view.get_shape()), view.get_dtype()
+        if name not in expected and not (name == TIED_HEAD and cfg.tie_word_embeddings):
+            raise ValueError(f"{f}: unexpected tensor {name} {list(shape)} (not part of a Qwen3 checkpoint with "
+                             f"{cfg.num_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
+        want = expected.get(name, (cfg.vocab_size, cfg.hidden_size))
+        if shape != want:
+            raise ValueError(f"{f}: tensor {name} has shape {list(shape)}, config.json implies {list(want)}")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{f}: tensor {name} has dtype {dtype}; a weight must be one of {list(FLOAT_DTYPES)}")
+    missing = [n for n in expected if n not in files]
+    if missing:
+        raise ValueError(f"{listing}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    if TIED_HEAD in files and cfg.tie_word_embeddings:
+        head = handles[files[TIED_HEAD]].get_tensor(TIED_HEAD)
+        embed = handles[files["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
+        if not np.array_equal(head, embed):
+            raise ValueError(f"{files[TIED_HEAD]}: tensor {TIED_HEAD} differs from model.embed_tokens.weight but "
+                             f"config.json says tie_word_embeddings=true")
+
+
+def load_hf(path: str | Path, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+            rules: Rules | None = None) -> tuple[ModelConfig, qwen3.Params]:
+    """Load an HF Qwen3 checkpoint directory -> (ModelConfig, params).
+
+    `dtype` sets `param_dtype` (default: the checkpoint's). With `mesh`, each leaf is placed by `qwen3.param_axes`
+    and `rules` (no rules: replicated); each device reads only its slice from the files, so host memory stays at
+    about one tensor. Without `mesh` the params go to the first local device. Further non-shape fields (remat,
+    chunks) are set with `dataclasses.replace` on the returned config.
+    """
+    path = Path(path)
+    overrides = {"param_dtype": dtype} if dtype else {}
+    cfg = model_config_from_hf(_read_json(path / "config.json"), **overrides)
+    files, listing = _tensor_files(path)
+    shapes = qwen3.param_shapes(cfg)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    else:
+        shardings = tree_shardings(qwen3.param_axes(cfg), rules or {}, mesh, shapes)
+    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    out: dict = {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in sorted(set(files.values()))}
+        _check_tensors(cfg, files, listing, handles)
+        for entry, shape in tqdm(_entries(cfg), desc=f"load {path.name}", disable=None, leave=False):
+            leaf = _load_leaf(entry, shape, _get(shardings, entry.ours), files, handles, np_dtype)
+            node = out
+            for k in entry.ours[:-1]:
+                node = node.setdefault(k, {})
+            node[entry.ours[-1]] = leaf
+    return cfg, out
+
+
+def _load_leaf(entry: Entry, shape: tuple[int, ...], sharding: Any, files: dict[str, Path],
+               handles: dict[Path, Any], np_dtype: np.dtype) -> jax.Array:
+    views: dict[str, Any] = {}
+
+    def view(name):
+        if name not in views:
+            views[name] = handles[files[name]].get_slice(name)
+        return views[name]
+
+    blocks: dict[tuple, np.ndarray] = {}  # replicated leaves: read each distinct block once
+
+    def callback(index):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        idx = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+        key = tuple((s.start, s.stop) for s in idx)
+        if key not in blocks:
+            if entry.per_layer:
+                parts = [_read_block(view(entry.hf.format(i=layer)), entry, shape[1:], idx[1:])
+                         for layer in range(idx[0].start, idx[0].stop)]
+                block = np.stack(parts)
+            else:
+                block = _read_block(view(entry.hf), entry, shape, idx)
+            blocks[key] = np.ascontiguousarray(block.astype(np_dtype))
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """One parameter, gathered to this host (all processes take part when it spans hosts)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, tokenizer_dir: str | Path | None = None,
+            dtype: str | None = None, max_shard_bytes: int = 5_000_000_000) -> Path:
+    """Write an HF checkpoint directory of `params` into `path` (created if needed).
+
+    Weights are saved in `dtype` (default: the params' dtype), split into shards of at most `max_shard_bytes`
+    (plus an index) when they do not fit one file. Parameters are gathered to the host one at a time and each shard
+    is written as soon as it is complete, so host memory stays near one shard plus one parameter. Earlier weight
+    files in `path` are removed so that the directory never mixes two checkpoints; writing atomically (temp dir +
+    rename) is the caller's job. In multi-host runs every process calls this; process 0 writes.
+    """
+    path = Path(path)
+    save_dtype = dtype or str(jnp.dtype(_get(params, ("embed",)).dtype))
+    cfg = dataclasses.replace(config, param_dtype=save_dtype)
+    np_dtype = np.dtype(jnp.dtype(save_dtype))
+    tensors = list(hf_tensors(cfg))
+    shard_of, sizes = {}, [0]
+    for name, _, _, shape in tensors:  # greedy plan in mapping order, so shards complete one after another
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            sizes.append(0)
+        shard_of[name] = len(sizes) - 1
+        sizes[-1] += nbytes
+    n = len(sizes)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    writer = jax.process_index() == 0
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+            if old.name not in names and old.exists():
+                old.unlink()
+
+    pending: dict[int, dict[str, np.ndarray]] = {i: {} for i in range(n)}
+    left = [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
+    for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
+        host = _to_host(_get(params, entry.ours).astype(save_dtype))
+        for layer in range(cfg.num_layers) if entry.per_layer else [None]:
+            name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
+            i = shard_of[name]
+            pending[i][name] = to_hf(entry, host[layer] if entry.per_layer else host)
+            left[i] -= 1
+            if not left[i]:
+                if writer:
+                    save_file(pending[i], path / names[i], metadata={"format": "pt"})
+                pending[i] = {}
+        del host
+    if not writer:
+        return path
+    if n > 1:
+        index = {"metadata": {"total_size": sum(sizes)},
+                 "weight_map": {name: names[shard_of[name]] for name, _, _, _ in tensors}}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+        if not copied:
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+        for f in copied:
+            shutil.copyfile(Path(tokenizer_dir) / f, path / f)
+    return path
