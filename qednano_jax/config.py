@@ -178,6 +178,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # ----------------------------------------------------------------------------------------------- sections: reward, rl
 
+@dataclasses.dataclass(frozen=True)
+class GraderConfig:
+    """The rubric grader (SPEC.md §3 "Reward"); defaults are the paper's GPT-OSS-20B grader. The API key is read from
+    the environment variable named by `api_key_env` and is never logged or saved."""
+    backend: str = field("openai", "where grades come from: an OpenAI-compatible endpoint, or a judge checkpoint "
+                         "run in-process on the native engine", choices=("openai", "native"))
+    base_url: str = field("http://127.0.0.1:8000/v1", "OpenAI-compatible endpoint base URL (ending in /v1)")
+    model: str = field("openai/gpt-oss-20b", "model name sent to the endpoint")
+    api: str = field("responses", "OpenAI API flavour: Responses (/responses) or chat completions (/chat/completions)",
+                     choices=("responses", "chat"))
+    reasoning_effort: str = field("medium", "reasoning effort sent to reasoning graders ('' = not sent)",
+                                  choices=("", "minimal", "low", "medium", "high"))
+    temperature: float = field(1.0, "grader sampling temperature (0 = greedy on the native backend)", ge=0)
+    max_tokens: int = field(81920, "grader output budget (max_output_tokens on Responses, max_tokens on chat)", ge=1)
+    timeout: float = field(900.0, "seconds before one grader request is abandoned", gt=0)
+    retries: int = field(3, "extra attempts after a failed request (transport error, timeout, HTTP 429/5xx)", ge=0)
+    backoff: tuple[float, ...] = field(default_factory=lambda: (15.0, 30.0, 60.0),
+                                       help="seconds to wait before retry i (the last value repeats)")
+    concurrency: int = field(64, "grader requests in flight at once", ge=1)
+    api_key_env: str = field("OPENAI_API_KEY", "NAME of the environment variable holding the API key (unset: no "
+                             "Authorization header)")
+    prompt_file: str = field("", "grading prompt template with {problem} {marking_scheme} {solution} ('' = the "
+                             "bundled qednano_jax/prompts/grader.txt)")
+    strip_self_evaluation: bool = field(False, "drop a trailing 'Self Evaluation' section from the proof "
+                                        "(done for evaluation, SPEC.md §5; off in RL)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The RL objective (SPEC.md §3 "Loss / optimizer"; see qednano_jax/rl/losses.py). Defaults are the paper's."""
+    policy_loss: str = field("ppo", "per-token policy loss (rl.losses.POLICY_LOSSES)", choices=("ppo", "reinforce"))
+    clip_eps_low: float = field(4.0, "PPO clip: ratio floor 1 - eps_low for A < 0 (paper: 4)", ge=0)
+    clip_eps_high: float = field(4.0, "PPO clip: ratio ceiling 1 + eps_high for A > 0 (paper: 4)", ge=0)
+    entropy_coef: float = field(1e-4, "entropy bonus coefficient (entropy of the temperature-scaled policy)", ge=0)
+    kl_coef: float = field(0.0, "KL-to-reference penalty coefficient (paper: 0, no reference model)", ge=0)
+    kl_estimator: str = field("k3", "per-token KL estimator (rl.losses.KL_ESTIMATORS)", choices=("k1", "k2", "k3"))
+    aggregation: str = field("token-sum-constant", "how token losses become the step loss (rl.losses.AGGREGATIONS)",
+                             choices=("token-mean", "sequence-mean-token-mean", "sequence-mean-token-sum",
+                                      "token-sum-constant"))
+    aggregation_constant: float = field(0.0, "divisor of token-sum-constant; 0 = the samples per step (prompts x "
+                                        "group size: 1024 in the paper)", ge=0)
+    divide_advantage_by_std: bool = field(False, "divide r - group mean by the group std (paper: false)")
+    advantage_eps: float = field(1e-6, "added to the group std before dividing", gt=0)
+
+
 # ----------------------------------------------------------------------------------------------- machinery
 
 def validate(obj: Any, where: str = "") -> None:
