@@ -223,6 +223,41 @@ class LossConfig:
     advantage_eps: float = field(1e-6, "added to the group std before dividing", gt=0)
 
 
+# ----------------------------------------------------------------------------------------------- sections: eval
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`python -m qednano_jax.eval CONFIG`: proof benchmarks, graded as the paper grades them (SPEC.md §5; see
+    qednano_jax/eval/). The defaults are the tiny CPU demo on the bundled IMO-ProofBench sample rows."""
+    benchmark: str = field("imo_proofbench", "benchmark format (columns, generation and grading prompts)",
+                           choices=("imo_proofbench", "proofbench", "imo_answerbench"))
+    source: str = field("sample", "`sample` (qednano_jax/samples/<benchmark>.jsonl), `hub` (the paper's hub id), a "
+                        "local .jsonl/.json/.csv/.parquet file or dataset folder, or a hub dataset id")
+    split: str = field("train", "dataset split (hub ids and dataset folders)")
+    columns: dict[str, str] = field(help="overrides of the format's column table, e.g. {category: Category}",
+                                    default_factory=dict)
+    limit: int = field(0, "evaluate only the first N problems (0 = all)", ge=0)
+    runs: int = field(3, "k of avg@k: independent runs over every problem (paper: 3; AnswerBench: 1)", ge=1)
+    scaffold: str = field("single", "`single` turn, or `rc`: test-time reasoning cache (SPEC.md §4)",
+                          choices=("single", "rc"))
+    rc_iterations: int = field(3, "rc: reasoning turns; a summary is written after each but the last", ge=1)
+    checkpoint: str = field("random", "policy for the native engine: an HF checkpoint dir, or `random` (seeded init "
+                            "of `model`, for demos and tests); an SGLang server holds its own weights")
+    tokenizer: str = field("", "tokenizer dir or `qwen3`; '' = the checkpoint dir (`qwen3` for `random`)")
+    max_new_tokens: int = field(64, "generation budget per turn (paper: 229,376)", ge=1)
+    temperature: float = field(0.8, "sampling temperature (paper: 0.8)", ge=0)
+    top_p: float = field(1.0, "nucleus sampling (1 = off)", gt=0, le=1)
+    top_k: int = field(-1, "top-k sampling (-1 = off)", ge=-1)
+    summary_max_new_tokens: int = field(64, "rc: summarizer budget per summary (paper: the policy's own budget)",
+                                        ge=1)
+    summary_temperature: float = field(0.8, "rc: summarizer temperature", ge=0)
+    seed: int = field(0, "sampling seed; run r, batch b use seed + 1000 * r + b", ge=0)
+    batch_size: int = field(8, "prompts sent to the rollout backend in one generate call", ge=1)
+    out_dir: str = field("runs/eval-tiny", "results.jsonl (resumable), summary.md, summary.json, scores.png")
+    name: str = field("", "label of this run in tables and charts ('' = the out_dir name)")
+    progress: bool = field(True, "show a tqdm progress bar")
+
+
 # ----------------------------------------------------------------------------------------------- machinery
 
 def validate(obj: Any, where: str = "") -> None:

@@ -1,0 +1,138 @@
+"""Proof benchmarks in their published formats (SPEC.md §5): IMO-ProofBench, ProofBench, IMO-AnswerBench.
+
+Rows come through `datasets` from a hub id, a local file (.jsonl/.json/.csv/.parquet) or a local dataset folder;
+`source: sample` reads the rows shipped in `qednano_jax/samples/<format>.jsonl`. One table per format maps our field
+names to the dataset's columns; a missing required column is an error naming the column and the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from qednano_jax.eval import prompts
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How one benchmark's rows look and how they are prompted and graded."""
+    name: str
+    hub_id: str                              # the id the paper's code loads (SPEC §5)
+    columns: dict[str, str]                  # our field -> dataset column
+    required: tuple[str, ...]                # fields that must exist as columns
+    generation_prompt: str                   # user message template, `{problem}`
+    grading_prompt: str                      # grader template: {problem} {solution} {guidelines} {answer} {proof}
+    kind: str                                # "proof" (0..7 points) or "answer" (0/1)
+
+    @property
+    def max_score(self) -> int:
+        return 7 if self.kind == "proof" else 1
+
+
+FORMATS = {
+    "imo_proofbench": Format(
+        name="imo_proofbench", hub_id="lm-provers/IMOProofBench",
+        columns={"id": "problem_id", "problem": "problem", "solution": "solution",
+                 "guidelines": "grading_guidelines", "category": "level"},
+        required=("id", "problem", "solution", "guidelines"),
+        generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.IMO_PROOFBENCH_GRADING, kind="proof"),
+    "proofbench": Format(
+        name="proofbench", hub_id="lm-provers/ProofBench",
+        columns={"id": "problem_id", "problem": "problem", "solution": "solution",
+                 "guidelines": "grading_scheme", "category": "competition"},
+        required=("id", "problem", "guidelines"),
+        generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.PROOFBENCH_GRADING, kind="proof"),
+    "imo_answerbench": Format(
+        name="imo_answerbench", hub_id="lm-provers/IMOBench-FinalAnswer",
+        columns={"id": "problem_id", "problem": "problem", "answer": "answer", "category": "category"},
+        required=("id", "problem", "answer"),
+        generation_prompt=prompts.ANSWER_GENERATION, grading_prompt=prompts.ANSWERBENCH_JUDGING, kind="answer"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One benchmark row in our field names; optional fields are "" when the dataset lacks them."""
+    id: str
+    problem: str
+    solution: str = ""
+    guidelines: str = ""
+    answer: str = ""
+    category: str = ""
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ValueError(f"eval.benchmark: unknown benchmark format {name!r} (known: {', '.join(FORMATS)})")
+    return FORMATS[name]
+
+
+def _load_rows(source: str, split: str):
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{source}: unsupported benchmark file type {path.suffix!r} (use .jsonl, .json, .csv or "
+                             ".parquet)")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if path.is_dir() and any(path.glob("*.arrow")) and (path / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(path))
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # offline, wrong id, wrong split: say which
+        raise ValueError(f"eval.source: cannot load benchmark {source!r} split {split!r} through datasets "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "train", limit: int = 0,
+                   columns: dict[str, str] | None = None) -> list[Problem]:
+    """Rows of benchmark `fmt` from `source` ("sample", "hub" = the paper's hub id, a path or another hub id).
+
+    `columns` overrides entries of the format's column table (e.g. {"category": "Category"}).
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if source == "sample":
+        source = str(SAMPLES_DIR / f"{fmt.name}.jsonl")
+    elif source == "hub":
+        source = fmt.hub_id
+    table = {**fmt.columns, **(columns or {})}
+    unknown = sorted(set(columns or {}) - {f.name for f in dataclasses.fields(Problem)})
+    if unknown:
+        raise ValueError(f"eval.columns: unknown field {unknown[0]!r} (known: id, problem, solution, guidelines, "
+                         "answer, category)")
+    ds = _load_rows(source, split)
+    names = set(ds.column_names)
+    for f in fmt.required:
+        if table[f] not in names:
+            raise ValueError(f"{source}: benchmark {fmt.name} needs column {table[f]!r} (for {f}); the rows have "
+                             f"columns {sorted(names)}. Map it with eval.columns.{f}=<column>")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    problems, seen = [], set()
+    for i, row in enumerate(ds):
+        vals = {f: ("" if row.get(col) is None else str(row[col])) for f, col in table.items() if col in names}
+        if not vals["problem"].strip():
+            raise ValueError(f"{source}: row {i}: empty {table['problem']!r}")
+        if vals["id"] in seen:
+            raise ValueError(f"{source}: row {i}: duplicate {table['id']!r} {vals['id']!r} (ids key the results)")
+        seen.add(vals["id"])
+        problems.append(Problem(**vals))
+    if not problems:
+        raise ValueError(f"{source}: no rows")
+    return problems
+
+
+def generation_prompt(fmt: Format, problem: Problem) -> str:
+    """The user message for one problem (SPEC §5)."""
+    return fmt.generation_prompt.format(problem=problem.problem)
+
+
+def grading_prompt(fmt: Format, problem: Problem, proof: str) -> str:
+    """The grader's user message for one proof (or AnswerBench response)."""
+    return fmt.grading_prompt.format(problem=problem.problem, solution=problem.solution or "(not provided)",
+                                     guidelines=problem.guidelines or "(not provided)", answer=problem.answer,
+                                     proof=proof)

@@ -1,0 +1,178 @@
+"""Test-time reasoning cache (SPEC.md §4 "Test-time RC"): solve, summarize the thinking, solve again from the summary.
+
+    summary = "[No previous summary]"
+    for t in 1..n:
+        out_t = policy(SOLVE(problem, summary))
+        if t < n: summary = summarizer(SUMMARIZE(problem, summary, thinking(out_t)))   # replaces, never appends
+    answer = final output of out_n (the text after </think>)
+
+`thinking(out)` is the part before `</think>`, or the whole output when the thinking was cut off. The summarizer is
+the policy's own backend unless another one is given (QED-Nano summarizes itself at test time). The prompts are our
+own words with the structure of the RC paper's prompts; the training-time solve prompt adds a closing "reason step by
+step" line (`step_by_step=True`). The text helpers here are the pieces the RC training stage reuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qednano_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN, prompt_ids
+
+NO_SUMMARY = "[No previous summary]"
+_CHAT_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
+
+SOLVE_PROMPT = """\
+Below is a mathematics problem. You may also be shown a summary of an earlier attempt at it; that attempt may be
+right, partly right or wrong.
+
+### PROBLEM
+{problem}
+
+### SUMMARY OF PREVIOUS ATTEMPT
+{summary}
+
+### INSTRUCTIONS
+If there is no summary of an earlier attempt, solve the problem from the beginning.
+
+If there is one, build on it and do better than it did, using the summary to steer your thinking. For example, you can:
+- check the earlier solution carefully, step by step;
+- prove the result by another route;
+- look for a different strategy altogether;
+- pick up where the earlier attempt stopped, if it was unfinished."""
+
+STEP_BY_STEP = "\n\nThink it through step by step."
+
+SUMMARY_PROMPT = """\
+Below are a mathematics problem and the latest candidate solution to it. There may also be a summary of an earlier
+candidate; if so, the latest candidate was written with that summary in view.
+
+Write a summary of the latest candidate solution that:
+- describes in detail what it did: the overall strategy, theorems and lemmas it used, checks it made, calculations
+  and deductions;
+- relates it to the earlier summary, if there is one, so that a reader sees how the new attempt differs from or
+  extends the old one, and keeps every important fact from the earlier summary;
+- is at most two paragraphs of plain prose, with no headings;
+- is written in the first person, as by the solver;
+- still summarizes the attempt when it is unfinished.
+
+Important: add no reasoning of your own. Only summarize what the latest candidate solution contains.
+
+### PROBLEM
+{problem}
+
+### EXISTING SUMMARY
+{existing_summary}
+
+### LATEST CANDIDATE SOLUTION
+{reasoning}"""
+
+
+def solve_prompt(problem: str, summary: str = NO_SUMMARY, step_by_step: bool = False) -> str:
+    """The reasoning-turn user message conditioned on the current summary."""
+    return SOLVE_PROMPT.format(problem=problem, summary=summary) + (STEP_BY_STEP if step_by_step else "")
+
+
+def summary_prompt(problem: str, existing_summary: str, reasoning: str) -> str:
+    """The summarizer's user message: problem, previous summary, latest thinking."""
+    return SUMMARY_PROMPT.format(problem=problem, existing_summary=existing_summary, reasoning=reasoning)
+
+
+def strip_chat_tokens(text: str) -> str:
+    """Drop ChatML control tokens (end of turn, padding) and a leading `<think>` from a decoded completion."""
+    for tok in _CHAT_TOKENS:
+        text = text.replace(tok, "")
+    text = text.lstrip()
+    return text[len(THINK_OPEN):].lstrip("\n") if text.startswith(THINK_OPEN) else text
+
+
+def thinking_part(text: str) -> str:
+    """The reasoning before `</think>`; the whole output when the thinking never closed (truncated)."""
+    text = strip_chat_tokens(text)
+    return (text.split(THINK_CLOSE, 1)[0] if THINK_CLOSE in text else text).strip()
+
+
+def final_part(text: str) -> str:
+    """The answer after the last `</think>`; "" when the thinking never closed (SPEC §3: no proof)."""
+    text = strip_chat_tokens(text)
+    return text.rsplit(THINK_CLOSE, 1)[1].strip() if THINK_CLOSE in text else ""
+
+
+def summary_text(text: str) -> str:
+    """A summarizer reply: its final part when it thought first, else the whole reply."""
+    text = strip_chat_tokens(text)
+    return final_part(text) if THINK_CLOSE in text else text.strip()
+
+
+def decode(tokenizer: Any, token_ids: list[int]) -> str:
+    """Completion text with `</think>` kept (it is a special token in some tokenizers) and chat tokens removed."""
+    return strip_chat_tokens(tokenizer.decode(list(token_ids), skip_special_tokens=False))
+
+
+@dataclasses.dataclass
+class Turn:
+    """One reasoning turn and the summary written after it (None on the last turn)."""
+    prompt: str
+    text: str
+    tokens: int
+    finish_reason: str
+    summary: str | None = None
+    summary_tokens: int = 0
+
+
+@dataclasses.dataclass
+class RCResult:
+    turns: list[Turn]
+
+    @property
+    def text(self) -> str:
+        """The last turn's whole output: what gets graded (its part after `</think>`)."""
+        return self.turns[-1].text
+
+    @property
+    def tokens(self) -> int:
+        """Policy tokens over all turns (summaries not included)."""
+        return sum(t.tokens for t in self.turns)
+
+    @property
+    def summary_tokens(self) -> int:
+        return sum(t.summary_tokens for t in self.turns)
+
+
+def run_rc(policy: Any, tokenizer: Any, problems: list[str], sampling: Any, *, iterations: int = 3,
+           summary_sampling: Any = None, summarizer: Any = None, summarizer_tokenizer: Any = None) -> list[RCResult]:
+    """Test-time RC over a batch of problems on any Rollout backend (one batched `generate` per turn and role).
+
+    `problems` are the full eval prompts (SPEC §4: {problem} is the "Generate a rigorous proof ..." message).
+    `sampling`/`summary_sampling` are rollout SamplingParams; each turn t offsets their seed by t so turns differ.
+    """
+    if iterations < 1:
+        raise ValueError(f"rc iterations: expected >= 1, got {iterations}")
+    summarizer = summarizer or policy
+    summarizer_tokenizer = summarizer_tokenizer or tokenizer
+    summary_sampling = summary_sampling or sampling
+    summaries = [NO_SUMMARY] * len(problems)
+    results = [RCResult(turns=[]) for _ in problems]
+    for t in range(iterations):
+        texts = [solve_prompt(p, s) for p, s in zip(problems, summaries)]
+        outs = policy.generate([prompt_ids(tokenizer, x) for x in texts], _with_seed(sampling, t), n=1)
+        for res, text, out in zip(results, texts, outs):
+            c = out[0]
+            res.turns.append(Turn(prompt=text, text=decode(tokenizer, c.token_ids), tokens=len(c.token_ids),
+                                  finish_reason=c.finish_reason))
+        if t == iterations - 1:
+            break
+        asks = [summary_prompt(p, s, thinking_part(r.turns[-1].text))
+                for p, s, r in zip(problems, summaries, results)]
+        outs = summarizer.generate([prompt_ids(summarizer_tokenizer, x) for x in asks],
+                                   _with_seed(summary_sampling, t), n=1)
+        for i, (res, out) in enumerate(zip(results, outs)):
+            c = out[0]
+            summaries[i] = summary_text(decode(summarizer_tokenizer, c.token_ids))
+            res.turns[-1].summary, res.turns[-1].summary_tokens = summaries[i], len(c.token_ids)
+    return results
+
+
+def _with_seed(sampling: Any, offset: int) -> Any:
+    seed = getattr(sampling, "seed", None)
+    return sampling if seed is None or not offset else dataclasses.replace(sampling, seed=seed + offset)
