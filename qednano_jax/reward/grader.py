@@ -1,0 +1,335 @@
+"""The rubric grader: proof extraction, the grading prompt, score parsing, and grader backends (SPEC.md §3 "Reward").
+
+    completion --extract_proof--> proof --prompt(problem, marking scheme, proof)--> grader --parse_score--> 0..7
+    reward = score / 7
+
+A completion without `</think>` (truncated thinking) has no proof: it scores 0 without a grader call. Whatever
+goes wrong on the grader side (timeouts, HTTP errors, a reply without a score) also scores 0, never raises, and is
+counted in `GraderStats`, so a flaky grader cannot stop an RL run (DESIGN.md principle 3).
+
+Backends behind one interface (`Grader.grade` / `Grader.grade_many`):
+- `OpenAIGrader`: any OpenAI-compatible endpoint, chat completions or the Responses API (the paper: GPT-OSS-20B on
+  vLLM through the Responses API, reasoning effort medium, temperature 1.0, 81,920 output tokens, 900 s timeout,
+  3 retries with backoff 15/30/60 s; configs/grader/gpt-oss-20b.yaml).
+- `NativeGrader`: a judge checkpoint run in-process (see its docstring).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import re
+import string
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import requests
+
+from qednano_jax.config import ConfigError, GraderConfig
+
+log = logging.getLogger(__name__)
+
+MAX_SCORE = 7
+THINK_CLOSE = "</think>"
+PROMPT_FIELDS = frozenset({"problem", "marking_scheme", "solution"})
+DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "grader.txt"
+
+# ----------------------------------------------------------------------------------------------- text in, text out
+
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_SELF_EVAL = re.compile(r"^[ \t]*(?:#+[ \t]*|\*\*)?[ \t]*self[- ]evaluation\b", re.IGNORECASE | re.MULTILINE)
+
+
+def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str:
+    """The proof of a policy completion: the text after the LAST `</think>`, stripped (SPEC.md §3, step 1).
+
+    No `</think>` means the thinking was truncated: the proof is "" and scores 0 without a grader call. With
+    `strip_self_evaluation`, a trailing "Self Evaluation" section (a heading line starting with those words) is cut
+    off, as the evaluation pipeline does (SPEC.md §5).
+    """
+    if THINK_CLOSE not in completion:
+        return ""
+    proof = completion.rsplit(THINK_CLOSE, 1)[1].strip()
+    for tok in _END_TOKENS:
+        proof = proof.removesuffix(tok).rstrip()
+    if strip_self_evaluation:
+        heads = list(_SELF_EVAL.finditer(proof))
+        if heads:
+            proof = proof[:heads[-1].start()].rstrip()
+    return proof
+
+
+def format_marking_scheme(rubric) -> str:
+    """A marking scheme as Markdown text (SPEC.md §3, step 2): a string is used as it is; a list of
+    {title, points, desc} checkpoints becomes `# {title} ({points} points)` + `Description: {desc}` blocks."""
+    if isinstance(rubric, str):
+        return rubric
+    if isinstance(rubric, (list, tuple)) and all(isinstance(c, dict) for c in rubric):
+        try:
+            return "\n\n".join(f"# {c['title']} ({c['points']} points)\nDescription: {c['desc']}" for c in rubric)
+        except KeyError as e:
+            raise ValueError(f"marking scheme: a checkpoint lacks the key {e} (expected title, points, desc)") from None
+    raise ValueError(f"marking scheme: expected a string or a list of {{title, points, desc}}, got {type(rubric)}")
+
+
+def load_prompt(path: str | os.PathLike = "") -> str:
+    """The grading prompt template ('' = the bundled one); it must use exactly {problem} {marking_scheme} {solution}."""
+    p = Path(path) if path else DEFAULT_PROMPT
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"grader.prompt_file: cannot read {p}: {e}") from None
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"grader.prompt_file: {p} is not a valid template ({e}); write literal braces as {{{{ }}}}") \
+            from None
+    if names != PROMPT_FIELDS:
+        raise ConfigError(f"grader.prompt_file: {p} uses fields {sorted(names)}, expected {sorted(PROMPT_FIELDS)}")
+    return text
+
+
+_OUR_TAGS = re.compile(r"<(?=\s*/?\s*(?:score|assessment|errors)\b)", re.IGNORECASE)
+
+
+def render_prompt(template: str, problem: str, marking_scheme, proof: str) -> str:
+    """Fill the template. In the proof, the `<` of any tag named like our output tags (score, assessment, errors)
+    becomes `&lt;`: the grader still reads it, but if it echoes the proof, no well-formed fake tag comes back."""
+    return template.format(problem=problem, marking_scheme=format_marking_scheme(marking_scheme),
+                           solution=_OUR_TAGS.sub("&lt;", proof))
+
+
+_SCORE = re.compile(r"<score>\s*(\d+)\s*</score>", re.IGNORECASE)
+_QUOTING_BLOCK = re.compile(r"<(assessment|errors)\b[^>]*>.*?(?:</\1\s*>|\Z)", re.IGNORECASE | re.DOTALL)
+
+
+def parse_score(reply: str | None) -> int | None:
+    """The grade in a grader reply, or None when it holds no valid one (the caller then scores 0).
+
+    Only the grader's reply is parsed; the proof is in the prompt. Still, a grader may quote the proof, so:
+    1. if the reply carries inline reasoning (`... </think> answer`), only the answer after the last `</think>`
+       is read;
+    2. the <assessment> and <errors> blocks, where quoted proof text belongs, are removed (an unclosed block runs
+       to the end of the reply);
+    3. of the <score>N</score> tags left, the LAST one is the grade (a grader that restates anything does so
+       before its final verdict); N outside 0..7 means no valid score, it is never clamped.
+    `render_prompt` also escapes score tags inside the proof, so an echoed proof cannot produce one.
+    (The paper's code took the first `<score>(\\d+)</score>` match anywhere and used 0 when there was none.)
+    """
+    if not reply:
+        return None
+    text = reply.rsplit(THINK_CLOSE, 1)[-1]
+    text = _QUOTING_BLOCK.sub(" ", text)
+    found = _SCORE.findall(text)
+    if not found:
+        return None
+    n = int(found[-1])
+    return n if 0 <= n <= MAX_SCORE else None
+
+
+# ----------------------------------------------------------------------------------------------- results, stats
+
+@dataclasses.dataclass(frozen=True)
+class GradeResult:
+    """One grade. `score` is 0 whenever `failed` (the grader could not be reached), `no_score` (its reply held no
+    valid score) or `skipped` (empty proof: no grader call). `attempts` counts requests; `latency` is seconds."""
+    score: int
+    reward: float
+    reply: str = ""
+    failed: bool = False
+    no_score: bool = False
+    skipped: bool = False
+    error: str = ""
+    attempts: int = 0
+    latency: float = 0.0
+
+
+@dataclasses.dataclass
+class GraderStats:
+    """Running counters for metrics (plain ints, so a checkpoint can save `dataclasses.asdict(stats)`)."""
+    calls: int = 0      # proofs sent to the grader
+    retries: int = 0    # requests beyond the first of a call
+    failures: int = 0   # calls that failed after every retry (scored 0)
+    no_score: int = 0   # replies without a valid score (scored 0)
+    empty: int = 0      # completions without a proof (scored 0, no call)
+
+    def add(self, r: GradeResult) -> None:
+        if r.skipped:
+            self.empty += 1
+            return
+        self.calls += 1
+        self.retries += max(r.attempts - 1, 0)
+        self.failures += int(r.failed)
+        self.no_score += int(r.no_score)
+
+
+# ----------------------------------------------------------------------------------------------- the interface
+
+class Grader:
+    """Grades proofs against marking schemes. Subclasses implement `_reply(prompt) -> (reply, error, attempts)`,
+    returning reply None when the grader could not be reached; everything else is shared."""
+
+    def __init__(self, cfg: GraderConfig):
+        self.cfg = cfg
+        self.template = load_prompt(cfg.prompt_file)
+        self.stats = GraderStats()
+        self._lock = threading.Lock()
+
+    def proof_of(self, completion: str) -> str:
+        """`extract_proof` with this grader's `strip_self_evaluation` setting."""
+        return extract_proof(completion, self.cfg.strip_self_evaluation)
+
+    def grade(self, problem: str, rubric, proof: str) -> GradeResult:
+        """Score one proof 0..7; never raises on grader trouble (it scores 0 and is counted)."""
+        if not proof.strip():
+            result = GradeResult(score=0, reward=0.0, skipped=True)
+        else:
+            start = time.monotonic()
+            try:
+                reply, error, attempts = self._reply(render_prompt(self.template, problem, rubric, proof))
+            except Exception as e:  # a backend bug must not stop a run either; it is logged and counted
+                log.exception("grader backend error")
+                reply, error, attempts = None, f"{type(e).__name__}: {e}", 1
+            latency = time.monotonic() - start
+            score = None if reply is None else parse_score(reply)
+            result = GradeResult(score=score or 0, reward=(score or 0) / MAX_SCORE, reply=reply or "",
+                                 failed=reply is None, no_score=reply is not None and score is None, error=error,
+                                 attempts=attempts, latency=latency)
+        with self._lock:
+            self.stats.add(result)
+        return result
+
+    def grade_many(self, items: Iterable[Sequence]) -> list[GradeResult]:
+        """Grade (problem, rubric, proof) triples concurrently, at most `cfg.concurrency` at once; results in order."""
+        items = list(items)
+        if not items:
+            return []
+        workers = min(self.cfg.concurrency, len(items))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grader") as pool:
+            return list(pool.map(lambda it: self.grade(*it), items))
+
+    def _reply(self, prompt: str) -> tuple[str | None, str, int]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------- OpenAI-compatible
+
+class _Retryable(Exception):
+    """A failed request worth repeating."""
+
+
+class _Fatal(Exception):
+    """A failed request that repeating cannot fix (HTTP 4xx other than 408/429)."""
+
+
+class OpenAIGrader(Grader):
+    """A grader behind an OpenAI-compatible endpoint: `POST {base_url}/chat/completions` or `{base_url}/responses`.
+
+    The key is read from the environment variable named by `cfg.api_key_env` (no Authorization header when it is
+    unset), sent only in that header, and scrubbed from every error message. Transport errors, timeouts, HTTP 408,
+    429 and 5xx and malformed bodies are retried `cfg.retries` times, waiting `cfg.backoff[i]` seconds before retry
+    i (the last value repeats); other HTTP 4xx fail at once (retrying a bad request cannot help).
+    """
+
+    def __init__(self, cfg: GraderConfig):
+        super().__init__(cfg)
+        if cfg.retries and not cfg.backoff:
+            raise ConfigError("grader.backoff: give at least one wait (seconds) when grader.retries > 0")
+        if any(b < 0 for b in cfg.backoff):
+            raise ConfigError(f"grader.backoff: waits must be >= 0, got {list(cfg.backoff)}")
+        self.url = cfg.base_url.rstrip("/") + ("/responses" if cfg.api == "responses" else "/chat/completions")
+        self._local = threading.local()
+
+    def _body(self, prompt: str) -> dict:
+        cfg = self.cfg
+        if cfg.api == "responses":
+            body = {"model": cfg.model, "input": prompt, "temperature": cfg.temperature,
+                    "max_output_tokens": cfg.max_tokens}
+            if cfg.reasoning_effort:
+                body["reasoning"] = {"effort": cfg.reasoning_effort}
+        else:
+            body = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
+                    "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+            if cfg.reasoning_effort:
+                body["reasoning_effort"] = cfg.reasoning_effort
+        return body
+
+    @staticmethod
+    def _text(data) -> str:
+        """The assistant text of a chat-completions or Responses reply (reasoning items are not part of it)."""
+        if not isinstance(data, dict):
+            raise ValueError("reply body is not a JSON object")
+        if "choices" in data:
+            return data["choices"][0]["message"].get("content") or ""
+        if isinstance(data.get("output_text"), str):
+            return data["output_text"]
+        if isinstance(data.get("output"), list):
+            return "".join(c.get("text", "") for item in data["output"] if item.get("type") == "message"
+                           for c in item.get("content") or [] if c.get("type") in ("output_text", "text"))
+        raise ValueError(f"reply has neither 'choices' nor 'output' (keys: {sorted(data)[:8]})")
+
+    def _post(self, prompt: str, headers: dict) -> str:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        try:
+            resp = session.post(self.url, json=self._body(prompt), headers=headers, timeout=self.cfg.timeout)
+        except requests.RequestException as e:  # timeouts, refused or dropped connections
+            raise _Retryable(f"{type(e).__name__}: {e}") from None
+        if resp.status_code != 200:
+            msg = f"HTTP {resp.status_code}: {resp.text[:300]}"
+            if resp.status_code in (408, 429) or resp.status_code >= 500:
+                raise _Retryable(msg)
+            raise _Fatal(msg)
+        try:
+            return self._text(resp.json())
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise _Retryable(f"malformed reply: {e}: {resp.text[:300]}") from None
+
+    def _reply(self, prompt: str) -> tuple[str | None, str, int]:
+        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        scrub = (lambda s: s.replace(key, "***")) if key else (lambda s: s)
+        error = ""
+        for attempt in range(1, self.cfg.retries + 2):
+            try:
+                return self._post(prompt, headers), "", attempt
+            except _Retryable as e:
+                error = scrub(f"{self.url}: {e}")
+            except _Fatal as e:
+                error = scrub(f"{self.url}: {e} (not retried)")
+                log.warning("grader request failed: %s", error)
+                return None, error, attempt
+            if attempt <= self.cfg.retries:
+                wait = self.cfg.backoff[min(attempt - 1, len(self.cfg.backoff) - 1)]
+                log.warning("grader request failed (attempt %d of %d), retrying in %.3g s: %s", attempt,
+                            self.cfg.retries + 1, wait, error)
+                time.sleep(wait)
+        log.warning("grader call failed after %d attempts, scoring 0: %s", self.cfg.retries + 1, error)
+        return None, error, self.cfg.retries + 1
+
+
+# ----------------------------------------------------------------------------------------------- native judge
+
+class NativeGrader(Grader):
+    """A judge checkpoint run in-process on the native rollout engine (qednano_jax/rollout/native.py).
+
+    TODO(issue 5): the native engine has not landed yet. When it does: load the judge (model.hf.load_hf) and its
+    tokenizer, build each prompt with the judge's chat template (data.tokenizer.prompt_ids), generate with the
+    engine at `cfg.temperature` (0 = greedy) for up to `cfg.max_tokens` tokens, and return the decoded text from
+    `_reply`; parsing, scoring and counting are shared with the HTTP backend.
+    """
+
+    def __init__(self, cfg: GraderConfig):
+        super().__init__(cfg)
+        raise NotImplementedError("grader.backend: 'native' needs qednano_jax/rollout/native.py, which has not "
+                                  "landed yet; use grader.backend: openai")
+
+
+def make_grader(cfg: GraderConfig) -> Grader:
+    """The grader backend named by `cfg.backend`."""
+    return {"openai": OpenAIGrader, "native": NativeGrader}[cfg.backend](cfg)
