@@ -79,6 +79,9 @@ def _load_rows(source: str, split: str):
             raise ValueError(f"{source}: unsupported benchmark file type {path.suffix!r} (use .jsonl, .json, .csv or "
                              ".parquet)")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if path.suffix in (".jsonl", ".json", ".csv", ".parquet") or source.startswith((".", "/")):
+        if not path.exists():
+            raise ValueError(f"eval.source: benchmark file {source} does not exist")
     if path.is_dir() and any(path.glob("*.arrow")) and (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path))
     try:

@@ -35,7 +35,8 @@ class Summary:
     run_means: list[float]
     categories: dict[str, tuple[float, float | None]]  # category -> (avg@k %, std)
     tokens_per_problem: float       # mean generated tokens per (problem, run), all scaffold turns together
-    grader_failures: int
+    grader_failures: int            # grader unreachable after its retries (scored 0)
+    grader_no_score: int            # grader replied without a valid grade (scored 0)
     truncated: int
     incomplete_runs: list[int]      # runs missing some problems (a partial file)
 
@@ -74,6 +75,7 @@ def summarize(records: list[dict], name: str = "") -> Summary:
         items=len(records), mean=mean, std=std, run_means=run_means, categories=categories,
         tokens_per_problem=float(np.mean([float(r.get("tokens", 0)) for r in records])),
         grader_failures=sum(bool(r.get("grader_failed")) for r in records),
+        grader_no_score=sum(bool(r.get("grader_no_score")) for r in records),
         truncated=sum(bool(r.get("truncated")) for r in records), incomplete_runs=incomplete)
 
 
@@ -101,12 +103,13 @@ def markdown_table(summaries: list[Summary]) -> str:
     """One row per result file: avg@k (std), each category, tokens/problem, failures, truncation."""
     cats = sorted({c for s in summaries for c in s.categories})
     head = ["run", "benchmark", "problems", "k", "avg@k % (std)"] + cats + \
-           ["tokens/problem", "grader failures", "truncated"]
+           ["tokens/problem", "grader failures", "no grade", "truncated"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         row = [s.name, s.benchmark, str(s.num_problems), str(s.runs), _fmt(s.mean, s.std)]
         row += [_fmt(*s.categories[c]) if c in s.categories else "-" for c in cats]
-        row += [f"{s.tokens_per_problem:.0f}", f"{s.grader_failures}/{s.items}", f"{s.truncated}/{s.items}"]
+        row += [f"{s.tokens_per_problem:.0f}", f"{s.grader_failures}/{s.items}", f"{s.grader_no_score}/{s.items}",
+                f"{s.truncated}/{s.items}"]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"- {s.name}: runs {s.incomplete_runs} are incomplete" for s in summaries if s.incomplete_runs]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

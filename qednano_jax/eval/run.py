@@ -1,0 +1,236 @@
+"""The eval loop (SPEC.md §5): generate proofs for a benchmark with a scaffold, grade each one, append it to a
+resumable JSONL file, then write the avg@k report.
+
+    for run r in 0..k-1, for each batch of problems not yet in results.jsonl:
+        generate (single turn, or test-time RC) on the rollout backend
+        grade every proof concurrently; each graded item is appended, flushed and fsynced as soon as it is done
+
+A crash loses at most the items in flight (generated or being graded, not yet written); a re-run with the same
+out_dir skips every item already in the file. A torn last line (a crash mid-write) is cut off before appending.
+A grader that fails after its retries scores 0; the failure is recorded on the item and counted in the report.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from qednano_jax.config import ConfigError, to_dict
+from qednano_jax.eval import benchmarks, prompts, report
+from qednano_jax.eval.benchmarks import Format, Problem
+from qednano_jax.rc import testtime
+
+RESULTS = "results.jsonl"
+META = "eval_meta.json"
+# EvalConfig fields that change what an item means; a resumed run must agree on them with the file's first run.
+_IDENTITY = ("benchmark", "source", "split", "columns", "scaffold", "rc_iterations", "checkpoint", "max_new_tokens",
+             "temperature", "top_p", "top_k", "summary_max_new_tokens", "summary_temperature", "seed")
+
+
+def item_key(problem_id: str, run: int) -> str:
+    return f"{problem_id}#{run}"
+
+
+class ResultsFile:
+    """Append-only JSONL of graded items, keyed by (problem_id, run); durable line by line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
+        self.keys = {item_key(r["problem_id"], int(r["run"])) for r in report.read_results(self.path)} \
+            if self.path.exists() else set()
+        self._lock = threading.Lock()
+        self._f = open(self.path, "ab")
+
+    def _repair(self) -> None:
+        """Cut a torn last line (no trailing newline: the process died mid-write) so appends stay valid JSONL."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, record: dict) -> None:
+        key = item_key(record["problem_id"], int(record["run"]))
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with self._lock:
+            if key in self.keys:
+                raise RuntimeError(f"{self.path}: item {key} is already in the file")
+            self._f.write(line)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self.keys.add(key)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def check_meta(out_dir: Path, ecfg: Any) -> None:
+    """Refuse to mix items of a different eval into one results file (the error names the first differing field)."""
+    now = {k: to_dict(getattr(ecfg, k)) for k in _IDENTITY}
+    path = out_dir / META
+    if path.exists():
+        before = json.loads(path.read_text())
+        for k in _IDENTITY:
+            if k in before and before[k] != now[k]:
+                raise ConfigError(f"eval.{k}: {out_dir} holds results made with {k}={before[k]!r}, this run has "
+                                  f"{now[k]!r}; use another eval.out_dir (or the same settings to resume)")
+    else:
+        path.write_text(json.dumps(now, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+def single_turn(policy: Any, tokenizer: Any, prompts: list[str], sampling: Any) -> list[testtime.RCResult]:
+    """One completion per prompt, in the same shape as an RC result with a single turn."""
+    from qednano_jax.data.tokenizer import prompt_ids
+
+    outs = policy.generate([prompt_ids(tokenizer, p) for p in prompts], sampling, n=1)
+    return [testtime.RCResult(turns=[testtime.Turn(prompt=p, text=testtime.decode(tokenizer, o[0].token_ids),
+                                                   tokens=len(o[0].token_ids), finish_reason=o[0].finish_reason)])
+            for p, o in zip(prompts, outs)]
+
+
+def generate(ecfg: Any, policy: Any, tokenizer: Any, prompts: list[str], sampling: Any,
+             summary_sampling: Any) -> list[testtime.RCResult]:
+    if ecfg.scaffold == "rc":
+        return testtime.run_rc(policy, tokenizer, prompts, sampling, iterations=ecfg.rc_iterations,
+                               summary_sampling=summary_sampling)
+    return single_turn(policy, tokenizer, prompts, sampling)
+
+
+# ----------------------------------------------------------------------------------------------- grading
+
+@dataclasses.dataclass
+class Grade:
+    """What the report needs from one grading: points (0..max), the raw reply, and whether the grader failed."""
+    score: int
+    reply: str = ""
+    failed: bool = False     # the grader could not be reached (after its retries)
+    no_score: bool = False   # it answered, but without a valid grade
+    error: str = ""
+
+
+_FAKE_TAGS = re.compile(r"<(?=\s*/?\s*points\b)", re.IGNORECASE)
+
+
+def make_judge(grader: Any, fmt: Format) -> Callable[[Problem, str], Grade]:
+    """Grade one proof with the benchmark's grading prompt and parser over the grader's own transport.
+
+    `grader` is a reward.grader.Grader (any backend): we reuse its client (retries, backoff, timeouts, API key
+    handling) through `_reply(prompt)` and swap in the eval prompt (SPEC §5) and its parser. A grader that cannot
+    be reached, and a reply without a valid grade, both score 0 and are recorded on the item.
+    """
+    parse = prompts.parse_points if fmt.kind == "proof" else prompts.parse_verdict
+
+    def judge(problem: Problem, proof: str) -> Grade:
+        ask = benchmarks.grading_prompt(fmt, problem, _FAKE_TAGS.sub("&lt;", proof))
+        try:
+            reply, error, _ = grader._reply(ask)
+        except Exception as e:  # a backend bug must not stop the eval; it is a failed grade, recorded as such
+            reply, error = None, f"{type(e).__name__}: {e}"
+        if reply is None:
+            return Grade(score=0, failed=True, error=error or "grader unreachable")
+        score = parse(reply.rsplit(testtime.THINK_CLOSE, 1)[-1])
+        if score is None:
+            return Grade(score=0, reply=reply, no_score=True, error="no valid grade in the grader reply")
+        return Grade(score=score, reply=reply)
+
+    return judge
+
+
+def extract(text: str) -> str:
+    """The graded text (SPEC §5): after the last `</think>`, a trailing "Self Evaluation" section removed; "" when
+    the thinking never closed (scored 0 without a grader call)."""
+    from qednano_jax.reward.grader import extract_proof
+    return extract_proof(text, strip_self_evaluation=True)
+
+
+def record(fmt: Format, problem: Problem, run: int, gen: testtime.RCResult, proof: str, grade: Grade,
+           scaffold: str) -> dict:
+    """One JSONL line: the problem x run, what was generated, what was graded, and how."""
+    last = gen.turns[-1]
+    rec = {
+        "problem_id": problem.id, "run": run, "benchmark": fmt.name, "category": problem.category,
+        "scaffold": scaffold, "prompt": gen.turns[0].prompt, "completion": gen.text, "proof": proof,
+        "score": grade.score, "max_score": fmt.max_score, "grader_reply": grade.reply,
+        "grader_failed": grade.failed, "grader_no_score": grade.no_score,
+        "grader_error": grade.error, "no_proof": not proof,
+        "truncated": last.finish_reason == "length", "finish_reason": last.finish_reason,
+        "tokens": gen.tokens, "summary_tokens": gen.summary_tokens,
+    }
+    if scaffold == "rc":
+        rec["turns"] = [dataclasses.asdict(t) for t in gen.turns]
+    return rec
+
+
+def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, tokenizer: Any,
+             judge: Callable[[Problem, str], Grade], extract: Callable[[str], str], *, concurrency: int = 8,
+             log: Callable[[str], None] = print) -> Path:
+    """Generate and grade every (problem, run) not yet in out_dir/results.jsonl; returns the results path."""
+    from tqdm import tqdm
+
+    from qednano_jax.rollout.base import SamplingParams
+
+    out_dir = Path(ecfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_meta(out_dir, ecfg)
+    results = ResultsFile(out_dir / RESULTS)
+    todo = {r: [p for p in problems if item_key(p.id, r) not in results.keys] for r in range(ecfg.runs)}
+    total = sum(len(v) for v in todo.values())
+    log(f"eval {fmt.name}: {len(problems)} problems x {ecfg.runs} runs; {len(results.keys)} items already graded, "
+        f"{total} to go -> {results.path}")
+    errors: list[BaseException] = []
+
+    def finish(problem: Problem, run: int, gen: testtime.RCResult, proof: str, fut: cf.Future, bar) -> None:
+        try:
+            results.append(record(fmt, problem, run, gen, proof, fut.result(), ecfg.scaffold))
+            bar.update(1)
+        except BaseException as e:  # a bug, not a grader fault (those come back as Grade(failed=True))
+            errors.append(e)
+
+    pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="grade")
+    futures = []
+    try:
+        with tqdm(total=total, desc=f"eval {fmt.name}", disable=not ecfg.progress) as bar:
+            for run, pending in todo.items():
+                for b in range(0, len(pending), ecfg.batch_size):
+                    batch = pending[b:b + ecfg.batch_size]
+                    seed = ecfg.seed + 1000 * run + b // ecfg.batch_size
+                    sampling = SamplingParams(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
+                                              top_p=ecfg.top_p, top_k=ecfg.top_k, seed=seed)
+                    summary_sampling = dataclasses.replace(sampling, max_new_tokens=ecfg.summary_max_new_tokens,
+                                                           temperature=ecfg.summary_temperature, seed=seed + 500)
+                    gens = generate(ecfg, policy, tokenizer, [benchmarks.generation_prompt(fmt, p) for p in batch],
+                                    sampling, summary_sampling)
+                    for problem, gen in zip(batch, gens):
+                        proof = extract(gen.text)
+                        fut = pool.submit(judge, problem, proof) if proof else _done(Grade(score=0))
+                        futures.append(fut)
+                        fut.add_done_callback(lambda f, p=problem, r=run, g=gen, pr=proof:
+                                              finish(p, r, g, pr, f, bar))
+                    if errors:
+                        raise errors[0]
+            cf.wait(futures)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        results.close()
+    if errors:
+        raise errors[0]
+    return results.path
+
+
+def _done(value: Any) -> cf.Future:
+    f: cf.Future = cf.Future()
+    f.set_result(value)
+    return f
