@@ -258,6 +258,26 @@ class EvalConfig:
     progress: bool = field(True, "show a tqdm progress bar")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalRunConfig:
+    """The top level of configs/eval/*.yaml (`python -m qednano_jax.eval CONFIG [key=value ...]`)."""
+    model: ModelConfig = field(help="the policy's decoder settings (architecture from eval.checkpoint when it is an "
+                               "HF dir; compute dtype and chunks from here)", default_factory=ModelConfig)
+    mesh: MeshConfig = field(help="device mesh and sharding rules of the native engine",
+                             default_factory=lambda: MeshConfig())
+    rollout: "RolloutConfig" = field(help="where generations come from (native engine or SGLang-compatible servers)",
+                                     default_factory=lambda: RolloutConfig())
+    grader: "GraderConfig" = field(help="the judge endpoint (its transport; the eval prompt and parser replace the "
+                                   "RL grading prompt)", default_factory=lambda: GraderConfig())
+    eval: EvalConfig = field(help="benchmark, scaffold, sampling, runs, output", default_factory=lambda: EvalConfig())
+
+
+def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalRunConfig:
+    """configs/eval/*.yaml (or the embedded tiny defaults when None) + `key=value` overrides -> EvalRunConfig."""
+    data = load_yaml(path) if path else {}
+    return from_dict(EvalRunConfig, apply_overrides(data, list(overrides)))
+
+
 # ----------------------------------------------------------------------------------------------- machinery
 
 def validate(obj: Any, where: str = "") -> None:

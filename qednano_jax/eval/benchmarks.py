@@ -15,6 +15,10 @@ from qednano_jax.eval import prompts
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
 
+class BenchmarkError(ValueError):
+    """A benchmark source, column or row is unusable; the message names the file, column or row."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     """How one benchmark's rows look and how they are prompted and graded."""
@@ -65,7 +69,7 @@ class Problem:
 
 def get_format(name: str) -> Format:
     if name not in FORMATS:
-        raise ValueError(f"eval.benchmark: unknown benchmark format {name!r} (known: {', '.join(FORMATS)})")
+        raise BenchmarkError(f"eval.benchmark: unknown benchmark format {name!r} (known: {', '.join(FORMATS)})")
     return FORMATS[name]
 
 
@@ -76,18 +80,18 @@ def _load_rows(source: str, split: str):
     if path.is_file():
         kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
         if kind is None:
-            raise ValueError(f"{source}: unsupported benchmark file type {path.suffix!r} (use .jsonl, .json, .csv or "
+            raise BenchmarkError(f"{source}: unsupported benchmark file type {path.suffix!r} (use .jsonl, .json, .csv or "
                              ".parquet)")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     if path.suffix in (".jsonl", ".json", ".csv", ".parquet") or source.startswith((".", "/")):
         if not path.exists():
-            raise ValueError(f"eval.source: benchmark file {source} does not exist")
+            raise BenchmarkError(f"eval.source: benchmark file {source} does not exist")
     if path.is_dir() and any(path.glob("*.arrow")) and (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path))
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as e:  # offline, wrong id, wrong split: say which
-        raise ValueError(f"eval.source: cannot load benchmark {source!r} split {split!r} through datasets "
+        raise BenchmarkError(f"eval.source: cannot load benchmark {source!r} split {split!r} through datasets "
                          f"({type(e).__name__}: {e})") from None
 
 
@@ -105,13 +109,13 @@ def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "trai
     table = {**fmt.columns, **(columns or {})}
     unknown = sorted(set(columns or {}) - {f.name for f in dataclasses.fields(Problem)})
     if unknown:
-        raise ValueError(f"eval.columns: unknown field {unknown[0]!r} (known: id, problem, solution, guidelines, "
+        raise BenchmarkError(f"eval.columns: unknown field {unknown[0]!r} (known: id, problem, solution, guidelines, "
                          "answer, category)")
     ds = _load_rows(source, split)
     names = set(ds.column_names)
     for f in fmt.required:
         if table[f] not in names:
-            raise ValueError(f"{source}: benchmark {fmt.name} needs column {table[f]!r} (for {f}); the rows have "
+            raise BenchmarkError(f"{source}: benchmark {fmt.name} needs column {table[f]!r} (for {f}); the rows have "
                              f"columns {sorted(names)}. Map it with eval.columns.{f}=<column>")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
@@ -119,13 +123,13 @@ def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "trai
     for i, row in enumerate(ds):
         vals = {f: ("" if row.get(col) is None else str(row[col])) for f, col in table.items() if col in names}
         if not vals["problem"].strip():
-            raise ValueError(f"{source}: row {i}: empty {table['problem']!r}")
+            raise BenchmarkError(f"{source}: row {i}: empty {table['problem']!r}")
         if vals["id"] in seen:
-            raise ValueError(f"{source}: row {i}: duplicate {table['id']!r} {vals['id']!r} (ids key the results)")
+            raise BenchmarkError(f"{source}: row {i}: duplicate {table['id']!r} {vals['id']!r} (ids key the results)")
         seen.add(vals["id"])
         problems.append(Problem(**vals))
     if not problems:
-        raise ValueError(f"{source}: no rows")
+        raise BenchmarkError(f"{source}: no rows")
     return problems
 
 

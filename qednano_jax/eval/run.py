@@ -234,3 +234,88 @@ def _done(value: Any) -> cf.Future:
     f: cf.Future = cf.Future()
     f.set_result(value)
     return f
+
+
+# ----------------------------------------------------------------------------------------------- the whole eval
+
+def load_policy(cfg: Any) -> tuple[Any, Any, Any]:
+    """(model config, params or None, tokenizer) for `cfg.eval.checkpoint` on `cfg.rollout.backend`."""
+    import jax
+
+    from qednano_jax import sharding
+    from qednano_jax.data.tokenizer import QWEN3, load_tokenizer
+    from qednano_jax.model import qwen3
+
+    ecfg = cfg.eval
+    ckpt = ecfg.checkpoint
+    if ckpt != "random" and not (Path(ckpt) / "config.json").is_file():
+        raise ConfigError(f"eval.checkpoint: {ckpt!r} is neither `random` nor an HF checkpoint dir (no config.json)")
+    tok_name = ecfg.tokenizer or (QWEN3 if ckpt == "random" else ckpt)
+    try:
+        tokenizer = load_tokenizer(tok_name)
+    except Exception as e:
+        raise ConfigError(f"eval.tokenizer: cannot load tokenizer {tok_name!r}: {e}") from None
+    if cfg.rollout.backend != "native":
+        return cfg.model, None, tokenizer          # the server holds the weights
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.shape)
+    except ValueError as e:
+        raise ConfigError(f"mesh.shape: {e}") from None
+    rules = dict(cfg.mesh.rules)
+    if ckpt == "random":
+        model_cfg = cfg.model
+        shardings = sharding.tree_shardings(qwen3.param_axes(model_cfg), rules, mesh, qwen3.param_shapes(model_cfg))
+        params = jax.jit(lambda k: qwen3.init_params(model_cfg, k), out_shardings=shardings)(
+            jax.random.PRNGKey(ecfg.seed))
+    else:
+        from qednano_jax.model.hf import load_hf
+        arch, params = load_hf(ckpt, dtype=cfg.model.param_dtype, mesh=mesh, rules=rules)
+        model_cfg = dataclasses.replace(arch, dtype=cfg.model.dtype, logprob_chunk=cfg.model.logprob_chunk,
+                                        attention_chunk=cfg.model.attention_chunk)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"eval.tokenizer: {tok_name!r} has {len(tokenizer)} tokens but the model's vocabulary has "
+                          f"{model_cfg.vocab_size} rows")
+    return model_cfg, (params, mesh, rules), tokenizer
+
+
+def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
+    """`python -m qednano_jax.eval`: generate + grade (resumable), then out_dir/{summary.md,summary.json,scores.png}."""
+    from qednano_jax.reward.grader import make_grader
+    from qednano_jax.rollout import make_rollout
+
+    ecfg = cfg.eval
+    fmt = benchmarks.get_format(ecfg.benchmark)
+    problems = benchmarks.load_benchmark(fmt, ecfg.source, ecfg.split, ecfg.limit, ecfg.columns)
+    out_dir = Path(ecfg.out_dir)
+    done = ResultsFile(out_dir / RESULTS)
+    done.close()
+    missing = sum(item_key(p.id, r) not in done.keys for r in range(ecfg.runs) for p in problems)
+    if missing:
+        model_cfg, placed, tokenizer = load_policy(cfg)
+        params, mesh, rules = placed if placed else (None, None, None)
+        policy = make_rollout(cfg.rollout, model_cfg, params, tokenizer, mesh=mesh, rules=rules)
+        grader = make_grader(cfg.grader)
+        evaluate(ecfg, fmt, problems, policy, tokenizer, make_judge(grader, fmt), extract,
+                 concurrency=cfg.grader.concurrency, log=log)
+    else:
+        check_meta(out_dir, ecfg)
+        log(f"eval {fmt.name}: all {len(problems)} x {ecfg.runs} items already graded in {out_dir / RESULTS}")
+    name = ecfg.name or out_dir.name
+    summaries, table, chart = report.write_report([out_dir / RESULTS], out_dir, [name])
+    _tensorboard(out_dir, summaries[0])
+    log(table.read_text() + f"\nresults: {out_dir / RESULTS}\ntable: {table}\nchart: {chart}")
+    return summaries[0]
+
+
+def _tensorboard(out_dir: Path, s: report.Summary) -> None:
+    """avg@k, std and per-category scores as TensorBoard scalars (out_dir/tb), next to the table."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(out_dir / "tb")) as w:
+        w.add_scalar(f"eval/{s.benchmark}/avg@{s.runs}", s.mean, 0)
+        if s.std is not None:
+            w.add_scalar(f"eval/{s.benchmark}/std", s.std, 0)
+        for cat, (m, _) in s.categories.items():
+            w.add_scalar(f"eval/{s.benchmark}/category/{cat}", m, 0)
+        w.add_scalar(f"eval/{s.benchmark}/tokens_per_problem", s.tokens_per_problem, 0)
+        w.add_scalar(f"eval/{s.benchmark}/grader_failures", s.grader_failures, 0)
