@@ -1,0 +1,1 @@
+"""Training: optimizer, the pure accumulated train step, checkpoints, metrics and the SFT loop."""

@@ -1,0 +1,39 @@
+"""`python -m qednano_jax.train [CONFIG] [key=value ...]` (DESIGN.md principle 6).
+
+The stage (sft | rl | rc) comes from the config file. With no arguments: the tiny SFT demo on CPU with the embedded
+defaults (`Config()`), reading the bundled sample data. `--help` lists every config field.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from qednano_jax.config import Config, ConfigError, describe, load_config
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("\n".join(describe(Config)))
+        return 0
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+
+    from qednano_jax import sharding
+    sharding.maybe_initialize_distributed()  # before anything touches the devices
+    try:
+        cfg = load_config(path, argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if cfg.stage == "sft":
+        from qednano_jax.train import sft
+        sft.run(cfg)
+        return 0
+    try:
+        from qednano_jax.rl import loop  # the RL / RC stages (SPEC.md §3, §4)
+    except ImportError as e:
+        print(f"stage {cfg.stage!r}: the RL loop (qednano_jax.rl.loop) is not available: {e}", file=sys.stderr)
+        return 2
+    loop.run(cfg)
+    return 0

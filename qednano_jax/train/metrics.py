@@ -1,0 +1,57 @@
+"""Training metrics: a FLOP estimate for MFU, and one writer for stdout, metrics.jsonl and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qednano_jax.config import ModelConfig
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward matmul FLOPs per trained token (3 x forward; the usual 6N-plus-attention estimate).
+
+    Counts the projections, the MLP, the LM head and causal attention (q.k and p.v over seq_len / 2 keys on
+    average); ignores norms, RoPE and softmax.
+    """
+    d, h, k, e, f, v, l = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                           cfg.vocab_size, cfg.num_layers)
+    per_layer = 2 * d * (h * e + 2 * k * e) + 2 * h * e * d + 3 * 2 * d * f + 2 * 2 * h * e * (seq_len / 2)
+    forward = l * per_layer + 2 * d * v
+    return 3.0 * forward
+
+
+class MetricsWriter:
+    """Appends each step's scalars to run_dir/metrics.jsonl and TensorBoard (run_dir/tb); only on process 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        for k, v in scalars.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def format_metrics(step: int, m: dict) -> str:
+    parts = [f"step {step}"]
+    for k in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
+        if k in m:
+            parts.append(f"{k} {m[k]:.4g}")
+    return " | ".join(parts)

@@ -1,0 +1,166 @@
+"""Stage 1: supervised fine-tuning on FineProofs-SFT (SPEC.md §2), a thin loop around the pure step.
+
+Re-running the same command resumes from the newest complete checkpoint in run_dir/checkpoints: train state,
+data-iterator state and counters come back, so the run continues exactly as an uninterrupted one (DESIGN.md
+principle 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from qednano_jax import sharding
+from qednano_jax.config import Config, ConfigError, ModelConfig, to_dict
+from qednano_jax.data import sft as sft_data
+from qednano_jax.model import qwen3
+from qednano_jax.train import checkpoint as ckpt_lib
+from qednano_jax.train import metrics as metrics_lib
+from qednano_jax.train import optim, step as step_lib
+
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "logprob_chunk", "attention_chunk")
+
+
+def mesh_and_rules(cfg: Config):
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.shape)
+    except ValueError as e:
+        raise ConfigError(f"mesh.shape: {e}") from None
+    return mesh, dict(cfg.mesh.rules)
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    """cfg.model, or the architecture of the HF checkpoint in train.init with cfg.model's compute settings."""
+    if cfg.train.init == "random":
+        return cfg.model
+    from qednano_jax.model.hf import model_config_from_hf
+    path = Path(cfg.train.init) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"train.init: {cfg.train.init!r} is neither `random` nor an HF checkpoint dir "
+                          "(no config.json)")
+    arch = model_config_from_hf(json.loads(path.read_text()))
+    return dataclasses.replace(arch, **{f: getattr(cfg.model, f) for f in COMPUTE_FIELDS})
+
+
+def initial_params(cfg: Config, model_cfg: ModelConfig, mesh, rules, shardings) -> Any:
+    if cfg.train.init == "random":
+        return step_lib.random_params(model_cfg, cfg.train.seed, shardings)
+    from qednano_jax.model.hf import load_hf
+    _, params = load_hf(cfg.train.init, dtype=model_cfg.param_dtype, mesh=mesh, rules=rules)
+    return params
+
+
+def tokenizer_dir(cfg: Config) -> str | None:
+    from qednano_jax.data.tokenizer import QWEN3, qwen3_tokenizer_dir
+    return str(qwen3_tokenizer_dir()) if cfg.data.tokenizer == QWEN3 else cfg.data.tokenizer
+
+
+def export_hf(cfg: Config, model_cfg: ModelConfig, params, path: Path, log: Callable) -> None:
+    from qednano_jax.model.hf import save_hf
+    save_hf(model_cfg, params, str(path), tokenizer_dir=tokenizer_dir(cfg))
+    log(f"exported HF checkpoint to {path}")
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) per `cfg`; returns a summary {start_step, steps, losses, data_stats, run_dir}."""
+    if cfg.stage != "sft":
+        raise ConfigError(f"stage: the SFT loop got stage {cfg.stage!r}")
+    tc = cfg.train
+    is_main = jax.process_index() == 0
+    n_hosts = jax.process_count()
+    if tc.batch_size % n_hosts:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} rows do not split over {n_hosts} hosts")
+    if tc.batch_size % tc.micro_batches:
+        raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
+    run_dir = Path(tc.run_dir).absolute()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    mesh, rules = mesh_and_rules(cfg)
+    model_cfg = model_config(cfg)
+    optimizer = optim.make_optimizer(cfg.optim, tc.steps)
+    schedule = optim.schedule(cfg.optim, tc.steps)
+    st_sh = step_lib.state_shardings(model_cfg, optimizer, mesh, rules)
+
+    ds, stats = sft_data.sft_batches(cfg.data, batch_rows=tc.batch_size // n_hosts,
+                                     process_index=jax.process_index(), process_count=n_hosts, log=log)
+    if is_main:
+        (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=1))
+    data_iter = iter(ds)
+
+    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
+    start = ckpt.latest_step()
+    if start is not None:
+        abstract = jax.eval_shape(lambda: step_lib.TrainState(
+            params=qwen3.abstract_params(model_cfg), opt_state=optimizer.init(qwen3.abstract_params(model_cfg)),
+            step=jnp.zeros((), jnp.int32), rng=jnp.zeros((2,), jnp.uint32)).to_dict())
+        tree, data_state, extra = ckpt.restore(start, ckpt_lib.abstract_like(abstract, st_sh.to_dict()))
+        state = step_lib.TrainState.from_dict(tree)
+        data_iter.set_state(data_state)
+        log(f"resumed from {run_dir / 'checkpoints'} step {start}")
+    else:
+        start = 0
+        state = step_lib.init_state(model_cfg, optimizer, initial_params(cfg, model_cfg, mesh, rules, st_sh.params),
+                                    tc.seed, st_sh)
+    n_params = qwen3.count_params(state.params)
+    log(f"model: {n_params:,} params; mesh {dict(mesh.shape)}; {jax.device_count()} devices")
+
+    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+    b_sh = step_lib.batch_shardings(mesh, rules, keys)
+    train_step = step_lib.make_train_step(model_cfg, step_lib.sft_loss, optimizer, schedule, mesh=mesh,
+                                          rules=rules, state_sh=st_sh, batch_sh=b_sh)
+    count = jax.jit(lambda m: jnp.sum(m.astype(jnp.float32)), out_shardings=b_sh["denominator"])
+    flops_per_token = metrics_lib.train_flops_per_token(model_cfg, cfg.data.seq_len)
+    writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main)
+    bar = None
+    if is_main and tc.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
+    log_fn = bar.write if bar is not None else log
+
+    losses: dict[int, float] = {}
+    t_last, tokens_since = time.perf_counter(), 0.0
+    for i in range(start, tc.steps):
+        local = next(data_iter)
+        micro = step_lib.split_micro({k: local[k] for k in keys}, tc.micro_batches)
+        batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
+        batch["denominator"] = count(batch["loss_mask"])
+        state, m = train_step(state, batch)
+        tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts
+        step = i + 1
+        if step % tc.log_every == 0 or step == tc.steps:
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            now = time.perf_counter()
+            m["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            if tc.peak_flops > 0:
+                m["mfu"] = m["tokens_per_s"] * flops_per_token / (tc.peak_flops * jax.device_count())
+            t_last, tokens_since = now, 0.0
+            losses[step] = m["loss"]
+            writer.write(step, m)
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            log_fn(metrics_lib.format_metrics(step, m))
+        if bar is not None:
+            bar.update(1)
+        saved = ckpt.save(step, state.to_dict(), data_state=data_iter.get_state(),
+                          extra={"data_stats": dataclasses.asdict(stats)}, force=step == tc.steps)
+        if saved and cfg.checkpoint.export_hf_each:
+            export_hf(cfg, model_cfg, state.params, run_dir / f"hf-step-{step}", log_fn)
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    writer.close()
+    if tc.export_hf:
+        export_hf(cfg, model_cfg, state.params, run_dir / "hf", log)
+    return {"start_step": start, "steps": tc.steps, "losses": losses, "data_stats": dataclasses.asdict(stats),
+            "run_dir": str(run_dir), "state": state}
