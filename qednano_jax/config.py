@@ -196,13 +196,16 @@ class GraderConfig:
     retries: int = field(3, "extra attempts after a failed request (transport error, timeout, HTTP 429/5xx)", ge=0)
     backoff: tuple[float, ...] = field(default_factory=lambda: (15.0, 30.0, 60.0),
                                        help="seconds to wait before retry i (the last value repeats)")
-    concurrency: int = field(64, "grader requests in flight at once", ge=1)
+    concurrency: int = field(64, "grader requests in flight at once (native backend: judge batch size)", ge=1)
     api_key_env: str = field("OPENAI_API_KEY", "NAME of the environment variable holding the API key (unset: no "
                              "Authorization header)")
     prompt_file: str = field("", "grading prompt template with {problem} {marking_scheme} {solution} ('' = the "
                              "bundled qednano_jax/prompts/grader.txt)")
     strip_self_evaluation: bool = field(False, "drop a trailing 'Self Evaluation' section from the proof "
                                         "(done for evaluation, SPEC.md §5; off in RL)")
+    judge_path: str = field("", "native backend: HF checkpoint directory of the judge model")
+    judge_tokenizer: str = field("", "native backend: the judge's tokenizer ('' = the one in judge_path, 'qwen3' = "
+                                 "the bundled real Qwen3 tokenizer, or a directory)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,8 @@ Backends behind one interface (`Grader.grade` / `Grader.grade_many`):
 - `OpenAIGrader`: any OpenAI-compatible endpoint, chat completions or the Responses API (the paper: GPT-OSS-20B on
   vLLM through the Responses API, reasoning effort medium, temperature 1.0, 81,920 output tokens, 900 s timeout,
   3 retries with backoff 15/30/60 s; configs/grader/gpt-oss-20b.yaml).
-- `NativeGrader`: a judge checkpoint run in-process (see its docstring).
+- `NativeGrader`: a judge checkpoint run in-process on the native rollout engine, with no server (see its
+  docstring); the embedded grader of the tiny CPU RL config.
 """
 
 from __future__ import annotations
@@ -169,9 +170,12 @@ class GraderStats:
 
 # ----------------------------------------------------------------------------------------------- the interface
 
+Answer = tuple  # (reply: str | None, error: str, attempts: int, latency: float); reply None = unreachable
+
+
 class Grader:
-    """Grades proofs against marking schemes. Subclasses implement `_reply(prompt) -> (reply, error, attempts)`,
-    returning reply None when the grader could not be reached; everything else is shared."""
+    """Grades proofs against marking schemes. A backend implements `_reply(prompt) -> (reply, error, attempts)`,
+    reply None when the grader could not be reached, and may override `ask_many` to batch; the rest is shared."""
 
     def __init__(self, cfg: GraderConfig):
         self.cfg = cfg
@@ -185,32 +189,50 @@ class Grader:
 
     def grade(self, problem: str, rubric, proof: str) -> GradeResult:
         """Score one proof 0..7; never raises on grader trouble (it scores 0 and is counted)."""
-        if not proof.strip():
-            result = GradeResult(score=0, reward=0.0, skipped=True)
-        else:
-            start = time.monotonic()
-            try:
-                reply, error, attempts = self._reply(render_prompt(self.template, problem, rubric, proof))
-            except Exception as e:  # a backend bug must not stop a run either; it is logged and counted
-                log.exception("grader backend error")
-                reply, error, attempts = None, f"{type(e).__name__}: {e}", 1
-            latency = time.monotonic() - start
-            score = None if reply is None else parse_score(reply)
-            result = GradeResult(score=score or 0, reward=(score or 0) / MAX_SCORE, reply=reply or "",
-                                 failed=reply is None, no_score=reply is not None and score is None, error=error,
-                                 attempts=attempts, latency=latency)
-        with self._lock:
-            self.stats.add(result)
-        return result
+        return self.grade_many([(problem, rubric, proof)])[0]
 
     def grade_many(self, items: Iterable[Sequence]) -> list[GradeResult]:
-        """Grade (problem, rubric, proof) triples concurrently, at most `cfg.concurrency` at once; results in order."""
+        """Grade (problem, rubric, proof) triples, at most `cfg.concurrency` at once; results in order. Empty proofs
+        score 0 without a grader call."""
         items = list(items)
-        if not items:
-            return []
-        workers = min(self.cfg.concurrency, len(items))
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grader") as pool:
-            return list(pool.map(lambda it: self.grade(*it), items))
+        todo = [i for i, (_, _, proof) in enumerate(items) if proof.strip()]
+        answers = dict(zip(todo, self.ask_many([render_prompt(self.template, *items[i]) for i in todo])))
+        results = []
+        for i in range(len(items)):
+            if i not in answers:
+                results.append(GradeResult(score=0, reward=0.0, skipped=True))
+                continue
+            reply, error, attempts, latency = answers[i]
+            score = None if reply is None else parse_score(reply)
+            results.append(GradeResult(score=score or 0, reward=(score or 0) / MAX_SCORE, reply=reply or "",
+                                       failed=reply is None, no_score=reply is not None and score is None,
+                                       error=error, attempts=attempts, latency=latency))
+        with self._lock:
+            for r in results:
+                self.stats.add(r)
+        return results
+
+    def ask(self, prompt: str) -> tuple[str | None, str, int]:
+        """Send a finished prompt through this backend (retries, timeouts, key handling included) and return
+        (reply, error, attempts); reply is None when the grader could not be reached. Never raises. For callers
+        with their own prompt and parser (eval's benchmark judges, SPEC.md §5); `grade` is built on it."""
+        try:
+            return self._reply(prompt)
+        except Exception as e:  # a backend bug must not stop a run either; it is logged and counted
+            log.exception("grader backend error")
+            return None, f"{type(e).__name__}: {e}", 1
+
+    def ask_many(self, prompts: list[str]) -> list[Answer]:
+        """`ask` for each prompt, `cfg.concurrency` at a time; (reply, error, attempts, latency) in order."""
+        def one(prompt):
+            start = time.monotonic()
+            return (*self.ask(prompt), time.monotonic() - start)
+
+        if len(prompts) <= 1:
+            return [one(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(min(self.cfg.concurrency, len(prompts)),
+                                                   thread_name_prefix="grader") as pool:
+            return list(pool.map(one, prompts))
 
     def _reply(self, prompt: str) -> tuple[str | None, str, int]:
         raise NotImplementedError
@@ -316,20 +338,73 @@ class OpenAIGrader(Grader):
 # ----------------------------------------------------------------------------------------------- native judge
 
 class NativeGrader(Grader):
-    """A judge checkpoint run in-process on the native rollout engine (qednano_jax/rollout/native.py).
+    """A judge checkpoint run in-process on the native rollout engine (rollout/native.py): no server at all, the
+    embedded grader of the tiny CPU RL config (issue 5).
 
-    TODO(issue 5): the native engine has not landed yet. When it does: load the judge (model.hf.load_hf) and its
-    tokenizer, build each prompt with the judge's chat template (data.tokenizer.prompt_ids), generate with the
-    engine at `cfg.temperature` (0 = greedy) for up to `cfg.max_tokens` tokens, and return the decoded text from
-    `_reply`; parsing, scoring and counting are shared with the HTTP backend.
+    Each grading prompt goes through the judge's own chat template (`data.tokenizer.prompt_ids`, which opens the
+    thinking block like the policy's), all prompts of a `grade_many` call are decoded as one batch at
+    `cfg.temperature` (0 = greedy), and the decoded text is parsed like an HTTP grader's reply (only the part after
+    the judge's `</think>` counts). A reply is capped at `cfg.max_tokens` and at the judge's context
+    (max_position_embeddings); a prompt that leaves no room fails (score 0, counted). Pass `engine` and `tokenizer`
+    to share an engine already in memory; otherwise `cfg.judge_path` is loaded.
     """
 
-    def __init__(self, cfg: GraderConfig):
+    def __init__(self, cfg: GraderConfig, engine=None, tokenizer=None):
         super().__init__(cfg)
-        raise NotImplementedError("grader.backend: 'native' needs qednano_jax/rollout/native.py, which has not "
-                                  "landed yet; use grader.backend: openai")
+        from qednano_jax.data.tokenizer import load_tokenizer
+        if engine is None:
+            if not cfg.judge_path:
+                raise ConfigError("grader.judge_path: the native grader needs the judge's HF checkpoint directory")
+            from qednano_jax.model.hf import load_hf
+            from qednano_jax.rollout.native import NativeRollout
+            tokenizer = tokenizer or load_tokenizer(cfg.judge_tokenizer or cfg.judge_path)
+            model_cfg, params = load_hf(cfg.judge_path)
+            engine = NativeRollout(model_cfg, params, tokenizer, max_batch=cfg.concurrency)
+        self.engine = engine
+        self.tokenizer = tokenizer or engine.tokenizer
+        if self.tokenizer is None:
+            raise ConfigError("grader.judge_tokenizer: the native grader needs the judge's tokenizer")
+
+    def ask_many(self, prompts: list[str]) -> list[Answer]:
+        from qednano_jax.data.tokenizer import prompt_ids
+        from qednano_jax.rollout.base import SamplingParams
+        start = time.monotonic()
+        limit = self.engine.cfg.max_position_embeddings
+        stop = () if self.tokenizer.eos_token_id is None else (int(self.tokenizer.eos_token_id),)
+        seed = self.engine.seed_for_call()
+        out: list = [None] * len(prompts)
+        rows, where = [], []
+        for i, prompt in enumerate(prompts):
+            try:
+                ids = prompt_ids(self.tokenizer, prompt)
+            except Exception as e:
+                out[i] = (None, f"native judge: cannot tokenize the grading prompt: {type(e).__name__}: {e}", 1)
+                continue
+            room = min(self.cfg.max_tokens, limit - len(ids))
+            if room < 1:
+                out[i] = (None, f"native judge: the grading prompt has {len(ids)} tokens, which leaves no room for "
+                                f"a reply in the judge's {limit}-token context (model.max_position_embeddings)", 1)
+                continue
+            rows.append((ids, SamplingParams(max_new_tokens=room, temperature=self.cfg.temperature,
+                                             stop_token_ids=stop), seed, i))
+            where.append(i)
+        if rows:
+            try:
+                for i, c in zip(where, self.engine.generate_rows(rows)):
+                    # decoded here with special tokens kept: a tokenizer may mark </think> special, and the
+                    # parser needs it to skip the judge's reasoning
+                    out[i] = (self.tokenizer.decode(c.token_ids, skip_special_tokens=False), "", 1)
+            except Exception as e:  # the judge failing must not stop a run: every prompt of the batch fails
+                log.exception("native judge failed")
+                for i in where:
+                    out[i] = (None, f"native judge: {type(e).__name__}: {e}", 1)
+        latency = time.monotonic() - start
+        return [(*o, latency) for o in out]
+
+    def _reply(self, prompt: str) -> tuple[str | None, str, int]:
+        return self.ask_many([prompt])[0][:3]
 
 
-def make_grader(cfg: GraderConfig) -> Grader:
-    """The grader backend named by `cfg.backend`."""
-    return {"openai": OpenAIGrader, "native": NativeGrader}[cfg.backend](cfg)
+def make_grader(cfg: GraderConfig, **kwargs) -> Grader:
+    """The grader backend named by `cfg.backend` (kwargs go to it, e.g. `engine=`/`tokenizer=` for native)."""
+    return {"openai": OpenAIGrader, "native": NativeGrader}[cfg.backend](cfg, **kwargs)

@@ -338,3 +338,83 @@ def test_grade_through_real_sglang_server(request):
     assert g.stats.calls == 2 and g.stats.failures == 0
     assert g.stats.no_score == sum(r.no_score for r in results)
 
+
+
+# ----------------------------------------------------------------------------------------------- native judge
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    """A tiny random Qwen3 judge saved as an HF checkpoint with a tiny BPE tokenizer trained on the grading prompt."""
+    import jax
+
+    from qednano_jax.config import ModelConfig
+    from qednano_jax.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+    from qednano_jax.model import hf, qwen3
+
+    root = tmp_path_factory.mktemp("judge")
+    texts = [G.load_prompt(), GOOD, "Prove that 1 + 1 = 2. A correct argument earns 7 points."] * 4
+    tok = load_tokenizer(train_tiny_tokenizer(texts, root / "tok", vocab_size=400))
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=2048,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    hf.save_hf(cfg, qwen3.init_params(cfg, jax.random.key(0)), root / "judge", tokenizer_dir=root / "tok")
+    return root / "judge", tok
+
+
+class ScriptedEngine:
+    """Stands in for NativeRollout where the reply must be known: returns the tokens of a fixed text."""
+
+    def __init__(self, tokenizer, text, context=4096):
+        from qednano_jax.config import ModelConfig
+        self.tokenizer, self.text = tokenizer, text
+        self.cfg = ModelConfig(vocab_size=len(tokenizer), max_position_embeddings=context)
+        self.rows = []
+
+    def seed_for_call(self):
+        return 0
+
+    def generate_rows(self, rows):
+        from qednano_jax.rollout.base import Completion
+        self.rows += rows
+        ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"]
+        return [Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", text="",
+                           weight_version="0", prompt_tokens=len(r[0])) for r in rows]
+
+
+def test_native_judge_runs_in_process(tiny_judge):
+    path, tok = tiny_judge
+    cfg = GraderConfig(backend="native", judge_path=str(path), temperature=0.0, max_tokens=24, concurrency=4)
+    g = G.make_grader(cfg)
+    items = [("Prove that 1 + 1 = 2.", "7 points: a correct argument.", f"1 + 1 = 2 by definition {i}.")
+             for i in range(3)] + [("P", "R", "")]
+    results = g.grade_many(items)
+    again = g.grade(*items[0])
+    for r in results[:3]:
+        assert not r.failed and r.attempts == 1, r.error
+        assert r.score == (G.parse_score(r.reply) or 0) and r.no_score == (G.parse_score(r.reply) is None)
+        assert 0 < len(tok(r.reply, add_special_tokens=False)["input_ids"]) <= 24 + 2
+    assert results[3].skipped
+    assert again.reply == results[0].reply  # greedy: the same prompt gives the same reply
+    assert (g.stats.calls, g.stats.empty, g.stats.failures) == (4, 1, 0)
+    assert g.stats.no_score == sum(r.no_score for r in results) + again.no_score
+
+
+def test_native_judge_parses_after_its_reasoning(tiny_judge):
+    _, tok = tiny_judge
+    # the tiny tokenizer marks </think> special: the judge's reply must keep it so the reasoning is skipped
+    engine = ScriptedEngine(tok, "hmm, maybe <score>7</score>?</think><score>4</score><assessment>ok</assessment>"
+                                 "<errors>None</errors><|im_end|>")
+    g = G.make_grader(GraderConfig(backend="native", max_tokens=64), engine=engine, tokenizer=tok)
+    r = g.grade("P", "R", "a proof")
+    assert (r.score, r.reward, r.failed) == (4, 4 / 7, False)
+    prompt_ids, sampling, _, _ = engine.rows[0]
+    assert tok.decode(prompt_ids).startswith("<|im_start|>user\n")  # the judge's chat template
+    assert sampling.max_new_tokens == 64 and sampling.stop_token_ids == (tok.eos_token_id,)
+    # a prompt that does not fit the judge's context fails, scores 0, is counted, and raises nothing
+    small = G.make_grader(GraderConfig(backend="native"), engine=ScriptedEngine(tok, "<score>7</score>", context=50),
+                          tokenizer=tok)
+    r = small.grade("P", "R", "a proof")
+    assert (r.score, r.failed, small.stats.failures) == (0, True, 1) and "context" in r.error
+    with pytest.raises(ConfigError, match="judge_path"):
+        G.make_grader(GraderConfig(backend="native"))
