@@ -176,6 +176,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # ----------------------------------------------------------------------------------------------- sections: rollout
 
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Where rollouts come from (DESIGN.md principle 3; qednano_jax/rollout/). `native` samples in this process;
+    `sglang` talks HTTP to SGLang servers or to `python -m qednano_jax.serve` (same API)."""
+    backend: str = field("native", "embedded JAX engine, or an HTTP client of SGLang-compatible servers",
+                         choices=("native", "sglang"))
+    urls: tuple[str, ...] = field(default_factory=lambda: ("http://127.0.0.1:30000",),
+                                  help="sglang: server base URLs (data-parallel generators, least-in-flight balanced)")
+    concurrency: int = field(64, "sglang: /generate requests in flight at once (all servers together)", ge=1)
+    request_timeout: float = field(3600.0, "sglang: seconds before one /generate request is abandoned and retried",
+                                   gt=0)
+    retries: int = field(3, "sglang: extra attempts of a request after a transport error, timeout or HTTP 5xx", ge=0)
+    backoff: tuple[float, ...] = field(default_factory=lambda: (1.0, 2.0, 4.0),
+                                       help="sglang: seconds to wait before retry i (the last value repeats)")
+    health_timeout: float = field(600.0, "sglang: seconds to wait for some server's /health_generate before a "
+                                  "call fails with an error naming the URLs", gt=0)
+    refit_dir: str = field("runs/refit", "sglang: directory for exported weights (must be readable by the servers); "
+                           "each refit writes refit_dir/weights-<version> atomically")
+    keep_last: int = field(2, "sglang: exported weight directories kept (older ones are deleted)", ge=1)
+    max_batch: int = field(64, "native: rows decoded together (larger requests run in chunks)", ge=1)
+    seed: int = field(0, "native: seed of the per-call seeds drawn when SamplingParams.seed is None", ge=0)
+
+
 # ----------------------------------------------------------------------------------------------- sections: reward, rl
 
 @dataclasses.dataclass(frozen=True)
