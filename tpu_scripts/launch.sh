@@ -78,14 +78,14 @@ whoami='worker ${JAX_PROCESS_ID:-0}/${JAX_NUM_PROCESSES:-1} ($(hostname))'
 script="set -eu; cd; mkdir -p $logs; logs=\$(cd $logs && pwd); cd $dir; . .venv/bin/activate; $metadata"
 script+="; export $exports"
 if ((foreground)); then
-  script+="; echo \"$whoami: \"$(quote "$command"); $command"
+  script+="; printf '%s\\n' \"$whoami: \"$(quote "$command"); $command"
   what="run in the foreground"
 else
   pidf="\"\$logs/$RUN_NAME.pid\""
   logf="\"\$logs/$RUN_NAME.log\""
   script+="; if [ -f $pidf ] && kill -0 \"\$(cat $pidf)\" 2>/dev/null; then echo \"$whoami: $RUN_NAME is already"
   script+=" running (pid \$(cat $pidf)); stop it with tpu_scripts/stop.sh\" >&2; exit 1; fi"
-  script+="; echo \"== \$(date -u +%Y-%m-%dT%H:%M:%SZ) $whoami: \"$(quote "$command") >> $logf"
+  script+="; printf '%s\\n' \"== \$(date -u +%Y-%m-%dT%H:%M:%SZ) $whoami: \"$(quote "$command") >> $logf"
   script+="; setsid nohup $command >> $logf 2>&1 < /dev/null & echo \$! > $pidf"
   script+="; echo \"$whoami: started pid \$(cat $pidf), log \$logs/$RUN_NAME.log\""
   what="start in the background (nohup; log ~/$LOG_DIR/$RUN_NAME.log on each worker)"

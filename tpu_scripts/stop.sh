@@ -42,9 +42,10 @@ if [[ -n $pattern ]]; then
   p=$(quote "$pattern")
   say "on every worker of '$TPU_NAME': stop the processes matching pgrep -f $p (SIGTERM, SIGKILL after ${timeout}s)"
   # This script's own shell (and its subshells) carry the pattern in their command line too: skip every process
-  # whose command line holds the marker `qednano-stop-self`.
-  script=": qednano-stop-self; pids=; for q in \$(pgrep -f $p || true); do case \"\$(tr '\\0' ' '"
-  script+=" < /proc/\$q/cmdline 2>/dev/null)\" in *qednano-stop-self*) ;; *) pids=\"\$pids \$q\" ;; esac; done"
+  # whose command line holds the marker `qednano-stop-self` (and pgrep's own subshell, gone by the time we look).
+  script=": qednano-stop-self; pids=; for q in \$(pgrep -f $p || true); do c=\$(tr '\\0' ' ' 2>/dev/null"
+  script+=" < /proc/\$q/cmdline) || continue; case \"\$c\" in *qednano-stop-self*) ;; *) pids=\"\$pids \$q\" ;; esac"
+  script+="; done"
   script+="; if [ -z \"\$pids\" ]; then echo \"$me: no process matches \"$p; exit 0; fi; kill -TERM \$pids || true"
   script+="; for pid in \$pids; do $wait_kill; kill -KILL \"\$pid\" 2>/dev/null || true; done"
   script+="; echo \"$me: stopped\$pids matching \"$p"
