@@ -178,7 +178,7 @@ def test_launch_logs_stop_dry_run():
     assert launch[:-1] == SSH + ["--worker=all"]
     script = remote_script(launch)
     assert ("setsid nohup python -m qednano_jax.train configs/sft.yaml 'train.run_dir=gs://bucket/runs/sft 4b' "
-            '>> "$logs/sft-4b.log" 2>&1 < /dev/null & echo $! > "$logs/sft-4b.pid"') in script
+            '>> "$logs/sft-4b.log" 2>&1 < /dev/null & pid=$!; echo $pid > "$logs/sft-4b.pid"; sleep 5; ') in script
     subprocess.run(["sh", "-n", "-c", script], check=True)
 
     assert dry("logs.sh", env=RUN) == [SSH + ["--worker=0", "--command=tail -n 100 -F qednano_logs/sft-4b.log"]]
@@ -291,7 +291,7 @@ def test_launch_then_stop_on_a_worker(worker_home, metadata_server, shell):
     home = worker_home
     env = {"GCE_METADATA_IP": metadata_server}
     (launch,) = dry("launch.sh", "--env", "X=it's", "--", "python", "-c", PRINT_ENV + "; import time; time.sleep(300)",
-                    env=RUN)
+                    env={**RUN, "LAUNCH_CHECK_SECONDS": "1"})
     r = _on_worker(remote_script(launch), home, env, shell)
     assert r.returncode == 0, r.stderr
     assert "worker 1/2 (" in r.stdout and f"log {home}/qednano_logs/sft-4b.log" in r.stdout
@@ -323,6 +323,14 @@ def test_launch_then_stop_on_a_worker(worker_home, metadata_server, shell):
     assert not _alive(pid) and not pidf.exists()
     r = _on_worker(remote_script(stop), home, env, shell)
     assert r.returncode == 0 and "nothing to stop" in r.stdout
+
+
+def test_launch_reports_a_command_that_dies_at_once(worker_home):
+    (launch,) = dry("launch.sh", "--", "python", "-c", "import sys; print('bad config: train.steps'); sys.exit(3)",
+                    env={**RUN, "LAUNCH_CHECK_SECONDS": "2"})
+    r = _on_worker(remote_script(launch), worker_home, {"GCE_METADATA_IP": "127.0.0.1:9"})
+    assert r.returncode == 1 and "sft-4b (pid " in r.stderr and "exited within 2s" in r.stderr
+    assert r.stderr.rstrip().endswith("bad config: train.steps")  # the end of the log, shown right away
 
 
 def test_launch_foreground_single_host_without_metadata(worker_home):

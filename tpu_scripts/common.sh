@@ -27,7 +27,7 @@ print_help() {  # the calling script's header comment, without the leading `# `
 }
 
 quote() {  # quote WORD: one shell word, quoted exactly like Python's shlex.quote
-  local s=$1 sq="'\"'\"'"
+  local s=$1 sq="'\"'\"'" LC_ALL=C  # C: the character class means ASCII only, as in shlex
   if [[ -z $s ]]; then
     printf "''"
   elif [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
@@ -56,7 +56,7 @@ require_vars() {  # require_vars NAME...: exit 2 naming every unset/empty variab
 }
 
 check_name() {  # check_name VAR: the variable's value must be a plain name (letters, digits, . _ -)
-  [[ ${!1} =~ ^[A-Za-z0-9._-]+$ ]] || die "$1=${!1@Q}: use only letters, digits, '.', '_' and '-'"
+  [[ ${!1} =~ ^[A-Za-z0-9._-]+$ ]] || die "$1='${!1}': use only letters, digits, '.', '_' and '-'"
 }
 
 need_gcloud() {  # fail clearly (before anything runs) when the gcloud CLI is not installed
@@ -88,6 +88,10 @@ on_workers() {  # on_workers WORKER SCRIPT [EXTRA...]: run the one-line shell SC
   gcloud_tpu tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker="$worker" --command="$script" "$@"
 }
 
+# Worker-side sh: is process $1 running? (A zombie is not: some containers' pid 1 never reaps orphans.)
+# shellcheck disable=SC2016,SC2034  # expands on the worker; used by the scripts that source this file
+REMOTE_ALIVE='alive() { kill -0 "$1" 2>/dev/null && ! ps -o stat= -p "$1" | grep -q Z; }'
+
 parse_common() {  # parse_common ARG: handle --dry-run / -h / --help; returns 1 for anything else
   case $1 in
     --dry-run) DRY_RUN=1 ;;
@@ -97,5 +101,5 @@ parse_common() {  # parse_common ARG: handle --dry-run / -h / --help; returns 1 
 }
 
 unknown_arg() {
-  die "unknown argument ${1@Q} (see $(basename "$0") --help)"
+  die "unknown argument '$1' (see $(basename "$0") --help)"
 }

@@ -12,7 +12,8 @@
 # On each worker, from ~/REMOTE_DIR with its .venv activated, the command runs under `setsid nohup` with stdout and
 # stderr appended to ~/LOG_DIR/RUN_NAME.log (one log per worker, on that worker; read them with logs.sh) and its
 # pid in ~/LOG_DIR/RUN_NAME.pid (used by stop.sh). A worker where RUN_NAME is still running refuses to start it
-# again. Exported for the command:
+# again; a worker where it exits within LAUNCH_CHECK_SECONDS prints the end of its log and launch.sh fails.
+# --env values appear in the printed command: keep secrets in a file on the workers instead. Exported for the command:
 #   RUN_NAME, PYTHONUNBUFFERED=1, JAX_COMPILATION_CACHE_DIR (COMPILATION_CACHE_DIR, or ~/.cache/jax_compilation_cache),
 #   and, read from the TPU VM metadata server (the same keys jax's own Cloud TPU detection reads):
 #   JAX_PROCESS_ID (agent-worker-number), JAX_NUM_PROCESSES (number of worker-network-endpoints) and
@@ -25,6 +26,7 @@
 #   COMPILATION_CACHE_DIR  persistent XLA compilation cache, e.g. gs://BUCKET/jax-cache (shared by all workers)
 #   REMOTE_DIR             checkout on each worker (default: qednano_jax; see setup.sh)
 #   LOG_DIR                log folder on each worker, relative to the home dir or absolute (default: qednano_logs)
+#   LAUNCH_CHECK_SECONDS   seconds to wait before checking that the command is still running (default: 5)
 #   GCLOUD                 gcloud binary (default: gcloud)
 set -euo pipefail
 # shellcheck source=tpu_scripts/common.sh
@@ -36,7 +38,7 @@ while (($#)); do
   case $1 in
     --env)
       (($# >= 2)) || die "--env needs KEY=VALUE"
-      [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env ${2@Q}: expected KEY=VALUE with KEY a variable name"
+      [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$2': expected KEY=VALUE with KEY a variable name"
       envs+=("$2")
       shift ;;
     --foreground) foreground=1 ;;
@@ -52,6 +54,8 @@ check_name TPU_NAME
 need_gcloud
 check_name RUN_NAME
 LOG_DIR="${LOG_DIR:-qednano_logs}"
+LAUNCH_CHECK_SECONDS="${LAUNCH_CHECK_SECONDS:-5}"
+[[ $LAUNCH_CHECK_SECONDS =~ ^[0-9]+$ ]] || die "LAUNCH_CHECK_SECONDS='$LAUNCH_CHECK_SECONDS': expected a number of seconds"
 command=$(join_quoted "$@")
 dir=$(quote "$REMOTE_DIR")
 logs=$(quote "$LOG_DIR")
@@ -83,11 +87,13 @@ if ((foreground)); then
 else
   pidf="\"\$logs/$RUN_NAME.pid\""
   logf="\"\$logs/$RUN_NAME.log\""
-  script+="; if [ -f $pidf ] && kill -0 \"\$(cat $pidf)\" 2>/dev/null; then echo \"$whoami: $RUN_NAME is already"
+  script+="; $REMOTE_ALIVE; if [ -f $pidf ] && alive \"\$(cat $pidf)\"; then echo \"$whoami: $RUN_NAME is already"
   script+=" running (pid \$(cat $pidf)); stop it with tpu_scripts/stop.sh\" >&2; exit 1; fi"
   script+="; printf '%s\\n' \"== \$(date -u +%Y-%m-%dT%H:%M:%SZ) $whoami: \"$(quote "$command") >> $logf"
-  script+="; setsid nohup $command >> $logf 2>&1 < /dev/null & echo \$! > $pidf"
-  script+="; echo \"$whoami: started pid \$(cat $pidf), log \$logs/$RUN_NAME.log\""
+  script+="; setsid nohup $command >> $logf 2>&1 < /dev/null & pid=\$!; echo \$pid > $pidf"
+  script+="; sleep $LAUNCH_CHECK_SECONDS; if ! alive \$pid; then echo \"$whoami: $RUN_NAME (pid \$pid) exited within"
+  script+=" ${LAUNCH_CHECK_SECONDS}s; the end of \$logs/$RUN_NAME.log:\" >&2; tail -n 20 $logf >&2; exit 1; fi"
+  script+="; echo \"$whoami: started pid \$pid, log \$logs/$RUN_NAME.log\""
   what="start in the background (nohup; log ~/$LOG_DIR/$RUN_NAME.log on each worker)"
 fi
 say "on every worker of '$TPU_NAME', in ~/$REMOTE_DIR with its venv, $what, run '$RUN_NAME': $command"

@@ -32,8 +32,8 @@ while (($#)); do
   esac
   shift
 done
-[[ $worker =~ ^[0-9]+$ ]] || die "--worker ${worker@Q}: expected a worker number (0, 1, ...)"
-[[ $lines =~ ^[0-9]+$ ]] || die "--lines ${lines@Q}: expected a number"
+[[ $worker =~ ^[0-9]+$ ]] || die "--worker '$worker': expected a worker number (0, 1, ...)"
+[[ $lines =~ ^[0-9]+$ ]] || die "--lines '$lines': expected a number"
 
 require_vars TPU_NAME ZONE PROJECT RUN_NAME
 check_name TPU_NAME

@@ -34,7 +34,7 @@ require_vars TPU_NAME ZONE PROJECT
 check_name TPU_NAME
 need_gcloud
 PYTHON="${PYTHON:-python3.11}"
-[[ $PYTHON =~ ^python3(\.[0-9]+)?$ ]] || die "PYTHON=${PYTHON@Q}: expected an interpreter name like python3.11"
+[[ $PYTHON =~ ^python3(\.[0-9]+)?$ ]] || die "PYTHON='$PYTHON': expected an interpreter name like python3.11"
 dir=$(quote "$REMOTE_DIR")
 
 # Install PYTHON when missing, then the venv and the package; the last line checks that it imports.

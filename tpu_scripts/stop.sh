@@ -29,10 +29,10 @@ while (($#)); do
   esac
   shift
 done
-[[ $timeout =~ ^[0-9]+$ ]] || die "--timeout ${timeout@Q}: expected a number of seconds"
+[[ $timeout =~ ^[0-9]+$ ]] || die "--timeout '$timeout': expected a number of seconds"
 
 # shellcheck disable=SC2016  # $... in single quotes expand on the worker
-wait_kill='i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt '"$timeout"' ]; do sleep 1; i=$((i+1)); done'
+wait_kill='i=0; while alive "$pid" && [ $i -lt '"$timeout"' ]; do sleep 1; i=$((i+1)); done'
 # shellcheck disable=SC2016
 me='worker $(hostname)'
 if [[ -n $pattern ]]; then
@@ -43,7 +43,7 @@ if [[ -n $pattern ]]; then
   say "on every worker of '$TPU_NAME': stop the processes matching pgrep -f $p (SIGTERM, SIGKILL after ${timeout}s)"
   # This script's own shell (and its subshells) carry the pattern in their command line too: skip every process
   # whose command line holds the marker `qednano-stop-self` (and pgrep's own subshell, gone by the time we look).
-  script=": qednano-stop-self; pids=; for q in \$(pgrep -f $p || true); do c=\$(tr '\\0' ' ' 2>/dev/null"
+  script=": qednano-stop-self; $REMOTE_ALIVE; pids=; for q in \$(pgrep -f $p || true); do c=\$(tr '\\0' ' ' 2>/dev/null"
   script+=" < /proc/\$q/cmdline) || continue; case \"\$c\" in *qednano-stop-self*) ;; *) pids=\"\$pids \$q\" ;; esac"
   script+="; done"
   script+="; if [ -z \"\$pids\" ]; then echo \"$me: no process matches \"$p; exit 0; fi; kill -TERM \$pids || true"
@@ -58,9 +58,9 @@ else
   pidf="$(quote "$LOG_DIR")/$RUN_NAME.pid"
   say "on every worker of '$TPU_NAME': stop run '$RUN_NAME' (SIGTERM to the pid in ~/$LOG_DIR/$RUN_NAME.pid," \
     "SIGKILL after ${timeout}s)"
-  script="cd; if [ ! -f $pidf ]; then echo \"$me: no $pidf; nothing to stop\"; exit 0; fi; pid=\$(cat $pidf)"
-  script+="; if kill -0 \"\$pid\" 2>/dev/null; then kill -TERM -- \"-\$pid\" 2>/dev/null || kill -TERM \"\$pid\""
-  script+="; $wait_kill; if kill -0 \"\$pid\" 2>/dev/null; then kill -KILL -- \"-\$pid\" 2>/dev/null"
+  script="cd; $REMOTE_ALIVE; if [ ! -f $pidf ]; then echo \"$me: no $pidf; nothing to stop\"; exit 0; fi; pid=\$(cat $pidf)"
+  script+="; if alive \"\$pid\"; then kill -TERM -- \"-\$pid\" 2>/dev/null || kill -TERM \"\$pid\""
+  script+="; $wait_kill; if alive \"\$pid\"; then kill -KILL -- \"-\$pid\" 2>/dev/null"
   script+=" || kill -KILL \"\$pid\"; fi; echo \"$me: stopped $RUN_NAME (pid \$pid)\""
   script+="; else echo \"$me: $RUN_NAME is not running (pid \$pid)\"; fi; rm -f $pidf"
 fi
