@@ -334,12 +334,17 @@ def test_launch_reports_a_command_that_dies_at_once(worker_home):
 
 
 def test_launch_foreground_single_host_without_metadata(worker_home):
-    """Off a pod (no metadata server) no JAX_* process variables are set: one process, no distributed init."""
+    """Off a pod (no metadata server) no JAX_* process variables are set: one process, no distributed init.
+    ~/.qednano_env (secrets kept off the command line) is sourced and exported."""
     (launch,) = dry("launch.sh", "--foreground", "--", "python", "-c", PRINT_ENV, env=RUN)
     r = _on_worker(remote_script(launch), worker_home, {"GCE_METADATA_IP": "127.0.0.1:9"})
     assert r.returncode == 0, r.stderr
     env = json.loads(r.stdout.splitlines()[1])
     assert env["JAX_PROCESS_ID"] is None and env["JAX_NUM_PROCESSES"] is None and env["RUN_NAME"] == "sft-4b"
+    assert env["X"] is None
+    (worker_home / ".qednano_env").write_text("X='secret value'\n")
+    r = _on_worker(remote_script(launch), worker_home, {"GCE_METADATA_IP": "127.0.0.1:9"})
+    assert json.loads(r.stdout.splitlines()[1])["X"] == "secret value" and "secret" not in launch[-1]
     assert env["JAX_COMPILATION_CACHE_DIR"] == f"{worker_home}/.cache/jax_compilation_cache"
     (launch,) = dry("launch.sh", "--foreground", "--", "python", "-c", PRINT_ENV,
                     env={**RUN, "COMPILATION_CACHE_DIR": "gs://b/jax cache"})

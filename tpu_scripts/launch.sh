@@ -13,7 +13,9 @@
 # stderr appended to ~/LOG_DIR/RUN_NAME.log (one log per worker, on that worker; read them with logs.sh) and its
 # pid in ~/LOG_DIR/RUN_NAME.pid (used by stop.sh). A worker where RUN_NAME is still running refuses to start it
 # again; a worker where it exits within LAUNCH_CHECK_SECONDS prints the end of its log and launch.sh fails.
-# --env values appear in the printed command: keep secrets in a file on the workers instead. Exported for the command:
+# Secrets (e.g. the grader's API key) go in ~/.qednano_env on each worker (KEY=VALUE lines, sourced and exported
+# when present; copy it with `gcloud compute tpus tpu-vm scp FILE TPU_NAME:.qednano_env --worker=all`), not in
+# --env, whose values appear in the printed command. Also exported for the command:
 #   RUN_NAME, PYTHONUNBUFFERED=1, JAX_COMPILATION_CACHE_DIR (COMPILATION_CACHE_DIR, or ~/.cache/jax_compilation_cache),
 #   and, read from the TPU VM metadata server (the same keys jax's own Cloud TPU detection reads):
 #   JAX_PROCESS_ID (agent-worker-number), JAX_NUM_PROCESSES (number of worker-network-endpoints) and
@@ -80,6 +82,7 @@ metadata='md() { curl -sf --max-time 5 -H Metadata-Flavor:Google'\
 # shellcheck disable=SC2016
 whoami='worker ${JAX_PROCESS_ID:-0}/${JAX_NUM_PROCESSES:-1} ($(hostname))'
 script="set -eu; cd; mkdir -p $logs; logs=\$(cd $logs && pwd); cd $dir; . .venv/bin/activate; $metadata"
+script+="; if [ -f \"\$HOME/.qednano_env\" ]; then set -a; . \"\$HOME/.qednano_env\"; set +a; fi"
 script+="; export $exports"
 if ((foreground)); then
   script+="; printf '%s\\n' \"$whoami: \"$(quote "$command"); $command"
