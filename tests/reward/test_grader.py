@@ -314,30 +314,40 @@ def test_custom_prompt_file(standin, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- real SGLang server
 
-def test_grade_through_real_sglang_server(request):
+@pytest.mark.sglang
+def test_grade_through_real_sglang_server(request, tmp_path):
     """The grader endpoint is the real SGLang server on the tiny model: a random model's reply rarely holds a
-    score, so this exercises the score-0 path honestly (or parses a score if one appears)."""
+    score, so this exercises the score-0 path honestly (or parses a score if one appears). The bundled prompt is
+    longer (~2,200 tiny-BPE tokens) than the tiny model's 2,048-token context, so the real server refuses it: that
+    request must fail cleanly (score 0, not retried, counted) and a short template is used for the graded calls."""
     if not os.environ.get("QEDNANO_SGLANG_VENV"):
         pytest.skip("QEDNANO_SGLANG_VENV is not set: no real SGLang server (see .ci/run)")
     try:
         server = request.getfixturevalue("sglang_server")
     except pytest.FixtureLookupError:
         pytest.skip("tests/conftest.py has no `sglang_server` fixture yet")
-    base = server if isinstance(server, str) else getattr(server, "url", None) or server["url"]
-    base = base.rstrip("/")
+    base = server.url.rstrip("/")
     model = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-    g = G.make_grader(GraderConfig(base_url=f"{base}/v1", model=model, api="chat", reasoning_effort="",
-                                   temperature=0.0, max_tokens=32, timeout=120, retries=1, backoff=(1.0,),
-                                   api_key_env=""))
-    results = g.grade_many([("Prove that 1 + 1 = 2.", "7 points: a correct argument.", "1 + 1 = 2 by definition.")] * 2)
+    short = tmp_path / "short.txt"
+    short.write_text("Grade the proof from 0 to 7.\nProblem: {problem}\nScheme: {marking_scheme}\nProof: {solution}\n"
+                     "Answer as <score>N</score>.")
+    cfg = GraderConfig(base_url=f"{base}/v1", model=model, api="chat", reasoning_effort="", temperature=0.0,
+                       max_tokens=32, timeout=120, retries=1, backoff=(1.0,), api_key_env="", prompt_file=str(short))
+    g = G.make_grader(cfg)
+    item = ("Prove that 1 + 1 = 2.", "7 points: a correct argument.", "1 + 1 = 2 by definition.")
+    results = g.grade_many([item] * 2)
     for r in results:
         assert not r.failed, r.error
-        assert r.attempts == 1 and r.reply != ""
+        assert r.attempts == 1  # the reply may be "" (the tiny model likes special tokens, which are not returned)
         assert r.score == (G.parse_score(r.reply) or 0)
         assert r.no_score == (G.parse_score(r.reply) is None)
-    assert g.stats.calls == 2 and g.stats.failures == 0
-    assert g.stats.no_score == sum(r.no_score for r in results)
+    assert results[0].reply == results[1].reply  # greedy
+    assert (g.stats.calls, g.stats.failures, g.stats.no_score) == (2, 0, sum(r.no_score for r in results))
 
+    full = G.make_grader(dataclasses.replace(cfg, prompt_file=""))
+    r = full.grade(*item)
+    assert (r.score, r.failed, r.attempts, full.stats.failures) == (0, True, 1, 1), r
+    assert "HTTP 400" in r.error
 
 
 # ----------------------------------------------------------------------------------------------- native judge
