@@ -3,8 +3,8 @@
 Why embedded: on CPU and on TPU hosts without SGLang the trainer samples its own rollouts (DESIGN.md layout,
 `native.py` is the CPU default), and `python -m qednano_jax.serve` puts this engine behind SGLang's HTTP API.
 
-Shapes are bucketed so that a new request rarely compiles: the batch, the longest prompt and the largest
-max_new_tokens of a chunk are rounded up to powers of two (batch capped by `max_batch`). Everything else is data:
+Shapes are bucketed so that a new request rarely compiles: the batch (at least 8), the longest prompt and the
+largest max_new_tokens of a chunk (at least 16) are rounded up to powers of two (the batch capped by `max_batch`). Everything else is data:
 per-row temperature / top-p / top-k / max_new_tokens / stop ids / seed, so requests with different sampling
 parameters share one compiled program and one batch. The decode loop is a `lax.while_loop` that exits as soon as
 every row has finished.
@@ -33,6 +33,7 @@ from qednano_jax.rollout.base import Completion, RefitResult, SamplingParams, ch
 from qednano_jax.sharding import batch_sharding, tree_shardings, use_rules
 
 _MIN_LEN_BUCKET = 16
+_MIN_BATCH_BUCKET = 8
 
 
 def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
@@ -228,7 +229,7 @@ class NativeRollout:
 
     def _run_chunk(self, params, version, rows) -> list[Completion]:
         n = len(rows)
-        b = bucket(n, self._dp_size(), cap=max(self.max_batch, self._dp_size()))
+        b = bucket(n, max(_MIN_BATCH_BUCKET, self._dp_size()), cap=max(self.max_batch, self._dp_size()))
         b = -(-b // self._dp_size()) * self._dp_size()
         p = bucket(max(len(r[0]) for r in rows), _MIN_LEN_BUCKET)
         new = bucket(max(r[1].max_new_tokens for r in rows), _MIN_LEN_BUCKET)
