@@ -218,6 +218,30 @@ def test_non_dry_run_executes_exactly_the_printed_commands(tmp_path):
     assert "pyproject.toml" in listing.split() and "tpu_scripts/launch.sh" in listing.split()
 
 
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
+def test_real_gcloud_parses_every_printed_command(tmp_path):
+    """The installed gcloud, with an empty config (no account, so nothing reaches Google Cloud), accepts every
+    printed command: it gets past argument parsing to "no active account" (a bad flag fails earlier, exit 2)."""
+    (tmp_path / "logs").mkdir()  # --output-directory must exist
+    env = {**CREATE, **RUN, "NETWORK": "net", "SUBNETWORK": "sub", "SERVICE_ACCOUNT": "sa@p.iam.gserviceaccount.com"}
+    cases = [("create.sh", ["--spot"]), ("create.sh", ["--preemptible"]), ("create.sh", ["--queued", "--reserved"]),
+             ("delete.sh", ["--yes"]), ("delete.sh", ["--queued", "--yes"]), ("status.sh", []),
+             ("status.sh", ["--queued"]), ("setup.sh", []), ("launch.sh", ["--env", "A=b", "--", "python", "-V"]),
+             ("logs.sh", []), ("logs.sh", ["--fetch", str(tmp_path / "logs")]), ("stop.sh", []),
+             ("stop.sh", ["--pattern", "qednano"])]
+    gcloud_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "cfg"),
+                  "CLOUDSDK_CORE_DISABLE_PROMPTS": "1", "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "1",
+                  "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1"}
+    for script, args in cases:
+        for argv in dry(script, *args, env=env, home=tmp_path):
+            if argv[0] != "gcloud":
+                continue
+            r = subprocess.run(argv, env=gcloud_env, capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+            assert r.returncode == 1 and "You do not currently have an active account selected" in r.stderr, \
+                (script, args, r.stderr[:500])
+
+
 @pytest.mark.parametrize("script", [p.name for p in COMMANDS])
 def test_without_gcloud_fails_clearly(script, tmp_path):
     env = {**CREATE, **RUN, "GCLOUD": str(tmp_path / "no-such-gcloud")}
