@@ -18,11 +18,11 @@ Aggregation. The train step accumulates over micro-batches and divides a SUM by 
 every aggregation mode is split into per-token weights `w_t` (computed on the host while packing, `token_weights`)
 and a denominator over the whole step (`denominator`):
 
-    mode                        w_t (completion tokens)          denominator
-    token-mean                  1                                tokens in the step           (DAPO)
-    sequence-mean-token-mean    1 / tokens of t's sequence       sequences in the step        (GRPO paper)
-    sequence-mean-token-sum     1                                sequences in the step        (Dr. GRPO, arXiv:2503.20783)
-    token-sum-constant          1                                a constant: samples per step (QED-Nano, SPEC.md §3)
+    mode                        w_t (completion tokens)      denominator
+    token-mean                  1                            tokens in the step            (DAPO)
+    sequence-mean-token-mean    1 / tokens of t's sequence   sequences in the step         (GRPO paper)
+    sequence-mean-token-sum     1                            sequences in the step         (Dr. GRPO, arXiv:2503.20783)
+    token-sum-constant          1                            a constant: samples per step  (QED-Nano, SPEC.md §3)
 
 Packed rows hold several completions; a sequence is a (row, segment id) pair, segment id 0 being padding
 (the convention of `model.qwen3.hidden_states`).
@@ -211,7 +211,8 @@ def rl_loss(name: str, logp_new_bt, logp_old_bt, adv_bt, weights_bt, cfg: LossCo
                "logprob_gap": jnp.abs(logp_new_bt - logp_old_bt), "advantage": jnp.broadcast_to(adv_bt, w.shape)}
     if cfg.entropy_coef:
         if entropy_bt is None:
-            raise ValueError("rl.loss.entropy_coef is set but no entropy was passed (token_logprobs(with_entropy=True))")
+            raise ValueError("rl.loss.entropy_coef is set but no entropy was passed "
+                             "(use token_logprobs(..., with_entropy=True))")
         loss_t = loss_t - cfg.entropy_coef * entropy_bt
     if entropy_bt is not None:
         metrics["entropy"] = entropy_bt

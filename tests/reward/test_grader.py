@@ -17,7 +17,8 @@ from qednano_jax.config import ConfigError, GraderConfig, from_dict, load_yaml, 
 from qednano_jax.reward import grader as G
 
 SECRET = "sk-test-7f3a9c1e5b2d4f60"
-GOOD = "<score>5</score>\n<assessment>Steps 1-3 are proved; step 4 has a gap.</assessment>\n<errors>Gap in step 4.</errors>"
+GOOD = ("<score>5</score>\n<assessment>Steps 1-3 are proved; step 4 has a gap.</assessment>\n"
+        "<errors>Gap in step 4.</errors>")
 
 # ----------------------------------------------------------------------------------------------- pure text functions
 
@@ -309,7 +310,8 @@ def test_custom_prompt_file(standin, tmp_path):
     p.write_text("PROBLEM={problem}\nSCHEME={marking_scheme}\nPROOF={solution}\nAnswer <score>N</score>.")
     g = make(standin, "good:custom", prompt_file=str(p))
     assert g.grade("p1", "s1", "q.e.d.").score == 5
-    assert last_request(standin, "good:custom")[2]["messages"][0]["content"].startswith("PROBLEM=p1\nSCHEME=s1\nPROOF=q.e.d.")
+    sent = last_request(standin, "good:custom")[2]["messages"][0]["content"]
+    assert sent.startswith("PROBLEM=p1\nSCHEME=s1\nPROOF=q.e.d.")
 
 
 # ----------------------------------------------------------------------------------------------- real SGLang server
