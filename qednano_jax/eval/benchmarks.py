@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 from qednano_jax.eval import prompts
 
@@ -17,6 +18,17 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
 class BenchmarkError(ValueError):
     """A benchmark source, column or row is unusable; the message names the file, column or row."""
+
+
+def _proofbench_group(problem_id: str) -> str:
+    """ProofBench has no category column; the paper reports the 2024/2025 contests apart from the rest (the year
+    is in the id, e.g. USAMO-2025-P1)."""
+    return "2024/2025" if ("2024" in problem_id or "2025" in problem_id) else "Others"
+
+
+def _imo_proofbench_level(problem_id: str) -> str:
+    """IMO-ProofBench's level from its id (PB-Basic-001 / PB-Advanced-001) when the `level` column is absent."""
+    return "Basic" if "Basic" in problem_id else "Advanced"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,28 +41,32 @@ class Format:
     generation_prompt: str                   # user message template, `{problem}`
     grading_prompt: str                      # grader template: {problem} {solution} {guidelines} {answer} {proof}
     kind: str                                # "proof" (0..7 points) or "answer" (0/1)
+    category_from_id: Callable[[str], str] | None = None  # used when the category column is absent
 
     @property
     def max_score(self) -> int:
         return 7 if self.kind == "proof" else 1
 
 
+# Column names: qednano_jax/samples/README.md says where each one was verified.
 FORMATS = {
     "imo_proofbench": Format(
         name="imo_proofbench", hub_id="lm-provers/IMOProofBench",
-        columns={"id": "problem_id", "problem": "problem", "solution": "solution",
+        columns={"id": "question_id", "problem": "problem", "solution": "solution",
                  "guidelines": "grading_guidelines", "category": "level"},
         required=("id", "problem", "solution", "guidelines"),
-        generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.IMO_PROOFBENCH_GRADING, kind="proof"),
+        generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.IMO_PROOFBENCH_GRADING, kind="proof",
+        category_from_id=_imo_proofbench_level),
     "proofbench": Format(
         name="proofbench", hub_id="lm-provers/ProofBench",
         columns={"id": "problem_id", "problem": "problem", "solution": "solution",
-                 "guidelines": "grading_scheme", "category": "competition"},
+                 "guidelines": "grading_scheme", "category": "category"},
         required=("id", "problem", "guidelines"),
-        generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.PROOFBENCH_GRADING, kind="proof"),
+        generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.PROOFBENCH_GRADING, kind="proof",
+        category_from_id=_proofbench_group),
     "imo_answerbench": Format(
         name="imo_answerbench", hub_id="lm-provers/IMOBench-FinalAnswer",
-        columns={"id": "problem_id", "problem": "problem", "answer": "answer", "category": "category"},
+        columns={"id": "question_id", "problem": "problem", "answer": "answer", "category": "category"},
         required=("id", "problem", "answer"),
         generation_prompt=prompts.ANSWER_GENERATION, grading_prompt=prompts.ANSWERBENCH_JUDGING, kind="answer"),
 }
@@ -122,6 +138,8 @@ def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "trai
     problems, seen = [], set()
     for i, row in enumerate(ds):
         vals = {f: ("" if row.get(col) is None else str(row[col])) for f, col in table.items() if col in names}
+        if table["category"] not in names and fmt.category_from_id:
+            vals["category"] = fmt.category_from_id(vals["id"])
         if not vals["problem"].strip():
             raise BenchmarkError(f"{source}: row {i}: empty {table['problem']!r}")
         if vals["id"] in seen:

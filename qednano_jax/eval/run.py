@@ -18,6 +18,7 @@ import json
 import os
 import re
 import threading
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,29 +125,35 @@ class Grade:
 _FAKE_TAGS = re.compile(r"<(?=\s*/?\s*points\b)", re.IGNORECASE)
 
 
-def make_judge(grader: Any, fmt: Format) -> Callable[[Problem, str], Grade]:
-    """Grade one proof with the benchmark's grading prompt and parser over the grader's own transport.
+def make_judge(grader: Any, fmt: Format) -> Callable[[list[tuple[Problem, str]]], list[Grade]]:
+    """Grade (problem, proof) pairs with the benchmark's grading prompt and parser over the grader's transport.
 
-    `grader` is a reward.grader.Grader (any backend): we reuse its client (retries, backoff, timeouts, API key
-    handling) through `_reply(prompt)` and swap in the eval prompt (SPEC §5) and its parser. A grader that cannot
-    be reached, and a reply without a valid grade, both score 0 and are recorded on the item.
+    `grader` is a reward.grader.Grader (any backend); `ask_many` sends finished prompts through its client
+    (retries, backoff, timeouts, key handling, batching on the native judge) and we parse the replies with the
+    eval parser (SPEC §5). An unreachable grader, and a reply without a valid grade, both score 0 and are recorded.
     """
     parse = prompts.parse_points if fmt.kind == "proof" else prompts.parse_verdict
 
-    def judge(problem: Problem, proof: str) -> Grade:
-        ask = benchmarks.grading_prompt(fmt, problem, _FAKE_TAGS.sub("&lt;", proof))
-        try:
-            reply, error, _ = grader._reply(ask)
-        except Exception as e:  # a backend bug must not stop the eval; it is a failed grade, recorded as such
-            reply, error = None, f"{type(e).__name__}: {e}"
-        if reply is None:
-            return Grade(score=0, failed=True, error=error or "grader unreachable")
-        score = parse(reply.rsplit(testtime.THINK_CLOSE, 1)[-1])
-        if score is None:
-            return Grade(score=0, reply=reply, no_score=True, error="no valid grade in the grader reply")
-        return Grade(score=score, reply=reply)
+    def judge(items: list[tuple[Problem, str]]) -> list[Grade]:
+        asks = [benchmarks.grading_prompt(fmt, p, _FAKE_TAGS.sub("&lt;", proof)) for p, proof in items]
+        grades = []
+        for reply, error, *_ in grader.ask_many(asks):
+            if reply is None:
+                grades.append(Grade(score=0, failed=True, error=error or "grader unreachable"))
+                continue
+            score = parse(reply.rsplit(testtime.THINK_CLOSE, 1)[-1])  # a reasoning judge's verdict follows </think>
+            grades.append(Grade(score=0, reply=reply, no_score=True, error="no valid grade in the grader reply")
+                          if score is None else Grade(score=score, reply=reply))
+        return grades
 
     return judge
+
+
+def batches_grading(grader: Any) -> bool:
+    """Whether the backend grades a list in one go (the native judge decodes a batch); HTTP graders get one
+    request per item so that each item is written the moment its grade arrives."""
+    from qednano_jax.reward.grader import Grader
+    return type(grader).ask_many is not Grader.ask_many
 
 
 def extract(text: str) -> str:
@@ -174,10 +181,32 @@ def record(fmt: Format, problem: Problem, run: int, gen: testtime.RCResult, proo
     return rec
 
 
+def plan(problems: list[Problem], done: set[str], ecfg: Any) -> list[tuple[int, list[Problem], int]]:
+    """(run, problems still to do, seed) per generate call. Batches are fixed slices of the problem list and the seed
+    depends only on (run, slice), so a resumed run samples each missing item exactly as the interrupted run would
+    have (exactly with batch_size 1; otherwise up to the row position inside a partly finished batch)."""
+    out = []
+    for run in range(ecfg.runs):
+        for b in range(0, len(problems), ecfg.batch_size):
+            batch = [p for p in problems[b:b + ecfg.batch_size] if item_key(p.id, run) not in done]
+            if batch:
+                out.append((run, batch, _seed(ecfg.seed, run, b // ecfg.batch_size)))
+    return out
+
+
+def _seed(*parts: int | str) -> int:
+    """A well-mixed 31-bit seed per (eval seed, run, batch[, role]): batches never share a random stream."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
 def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, tokenizer: Any,
-             judge: Callable[[Problem, str], Grade], extract: Callable[[str], str], *, concurrency: int = 8,
-             log: Callable[[str], None] = print) -> Path:
-    """Generate and grade every (problem, run) not yet in out_dir/results.jsonl; returns the results path."""
+             judge: Callable[[list[tuple[Problem, str]]], list[Grade]], extract: Callable[[str], str], *,
+             concurrency: int = 8, batch_grading: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Generate and grade every (problem, run) not yet in out_dir/results.jsonl; returns the results path.
+
+    Grading runs in a thread pool while the next batch generates; a proof is graded alone (HTTP graders: written
+    as soon as its grade arrives) or with its whole batch (`batch_grading`, the native judge).
+    """
     from tqdm import tqdm
 
     from qednano_jax.rollout.base import SamplingParams
@@ -186,41 +215,43 @@ def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, token
     out_dir.mkdir(parents=True, exist_ok=True)
     check_meta(out_dir, ecfg)
     results = ResultsFile(out_dir / RESULTS)
-    todo = {r: [p for p in problems if item_key(p.id, r) not in results.keys] for r in range(ecfg.runs)}
-    total = sum(len(v) for v in todo.values())
+    total = sum(len(batch) for _, batch, _ in plan(problems, results.keys, ecfg))
     log(f"eval {fmt.name}: {len(problems)} problems x {ecfg.runs} runs; {len(results.keys)} items already graded, "
         f"{total} to go -> {results.path}")
     errors: list[BaseException] = []
 
-    def finish(problem: Problem, run: int, gen: testtime.RCResult, proof: str, fut: cf.Future, bar) -> None:
+    def finish(unit: list[tuple[Problem, int, testtime.RCResult, str]], fut: cf.Future, bar) -> None:
         try:
-            results.append(record(fmt, problem, run, gen, proof, fut.result(), ecfg.scaffold))
-            bar.update(1)
-        except BaseException as e:  # a bug, not a grader fault (those come back as Grade(failed=True))
+            grades = fut.result()
+            for (problem, run, gen, proof), grade in zip(unit, grades, strict=True):
+                results.append(record(fmt, problem, run, gen, proof, grade, ecfg.scaffold))
+                bar.update(1)
+        except BaseException as e:  # a bug, not a grader fault (those come back as failed Grades)
             errors.append(e)
 
     pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="grade")
     futures = []
     try:
         with tqdm(total=total, desc=f"eval {fmt.name}", disable=not ecfg.progress) as bar:
-            for run, pending in todo.items():
-                for b in range(0, len(pending), ecfg.batch_size):
-                    batch = pending[b:b + ecfg.batch_size]
-                    seed = ecfg.seed + 1000 * run + b // ecfg.batch_size
-                    sampling = SamplingParams(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
-                                              top_p=ecfg.top_p, top_k=ecfg.top_k, seed=seed)
-                    summary_sampling = dataclasses.replace(sampling, max_new_tokens=ecfg.summary_max_new_tokens,
-                                                           temperature=ecfg.summary_temperature, seed=seed + 500)
-                    gens = generate(ecfg, policy, tokenizer, [benchmarks.generation_prompt(fmt, p) for p in batch],
-                                    sampling, summary_sampling)
-                    for problem, gen in zip(batch, gens):
-                        proof = extract(gen.text)
-                        fut = pool.submit(judge, problem, proof) if proof else _done(Grade(score=0))
-                        futures.append(fut)
-                        fut.add_done_callback(lambda f, p=problem, r=run, g=gen, pr=proof:
-                                              finish(p, r, g, pr, f, bar))
-                    if errors:
-                        raise errors[0]
+            for run, batch, seed in plan(problems, results.keys, ecfg):
+                sampling = SamplingParams(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
+                                          top_p=ecfg.top_p, top_k=ecfg.top_k, seed=seed)
+                summary_sampling = dataclasses.replace(sampling, max_new_tokens=ecfg.summary_max_new_tokens,
+                                                       temperature=ecfg.summary_temperature,
+                                                       seed=_seed(seed, "summary"))
+                gens = generate(ecfg, policy, tokenizer, [benchmarks.generation_prompt(fmt, p) for p in batch],
+                                sampling, summary_sampling)
+                items = [(p, run, g, extract(g.text)) for p, g in zip(batch, gens)]
+                for it in (it for it in items if not it[3]):   # no proof: 0 points, no grader call
+                    finish([it], _done([Grade(score=0)]), bar)
+                graded = [it for it in items if it[3]]
+                units = [graded] if batch_grading and graded else [[it] for it in graded]
+                for unit in units:
+                    fut = pool.submit(judge, [(p, proof) for p, _, _, proof in unit])
+                    futures.append(fut)
+                    fut.add_done_callback(lambda f, u=unit: finish(u, f, bar))
+                if errors:
+                    raise errors[0]
             cf.wait(futures)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -296,7 +327,7 @@ def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
         policy = make_rollout(cfg.rollout, model_cfg, params, tokenizer, mesh=mesh, rules=rules)
         grader = make_grader(cfg.grader)
         evaluate(ecfg, fmt, problems, policy, tokenizer, make_judge(grader, fmt), extract,
-                 concurrency=cfg.grader.concurrency, log=log)
+                 concurrency=cfg.grader.concurrency, batch_grading=batches_grading(grader), log=log)
     else:
         check_meta(out_dir, ecfg)
         log(f"eval {fmt.name}: all {len(problems)} x {ecfg.runs} items already graded in {out_dir / RESULTS}")

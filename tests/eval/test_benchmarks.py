@@ -18,6 +18,9 @@ def test_shipped_samples_load_with_the_real_column_names(name):
         for f in fmt.required:
             assert getattr(r, f).strip(), (name, r.id, f)
     assert load_benchmark(name, "sample", limit=3) == rows[:3]
+    cats = {r.category for r in rows}
+    assert cats == {"imo_proofbench": {"Basic", "Advanced"}, "proofbench": {"Others"},  # ProofBench: from the id
+                    "imo_answerbench": {"Algebra", "Combinatorics", "Geometry", "Number theory"}}[name]
 
 
 def write_rows(path, rows):
@@ -27,20 +30,22 @@ def write_rows(path, rows):
 
 def test_column_table_override_and_missing_column_error(tmp_path):
     f = write_rows(tmp_path / "pb.jsonl", [
-        {"problem_id": "PB-Basic-001", "problem": "Show 1+1=2.", "solution": "Count.", "grading_guidelines": "7 if ok",
+        {"question_id": "PB-Basic-001", "problem": "Show 1+1=2.", "solution": "Count.", "grading_guidelines": "7 if ok",
          "Category": "Algebra"},
-        {"problem_id": "PB-Advanced-001", "problem": "Show 2+2=4.", "solution": "Count.", "grading_guidelines": "7",
+        {"question_id": "PB-Advanced-001", "problem": "Show 2+2=4.", "solution": "Count.", "grading_guidelines": "7",
          "Category": "Number theory"}])
     rows = load_benchmark("imo_proofbench", str(f), columns={"category": "Category"})
     assert [(r.id, r.category, r.guidelines) for r in rows] == [("PB-Basic-001", "Algebra", "7 if ok"),
                                                               ("PB-Advanced-001", "Number theory", "7")]
     assert rows[0].category and not rows[0].answer
+    # without the override the level comes from the id (PB-Basic-... / PB-Advanced-...), as the paper splits it
+    assert [r.category for r in load_benchmark("imo_proofbench", str(f))] == ["Basic", "Advanced"]
     with pytest.raises(ValueError, match=r"needs column 'answer' \(for answer\).*eval.columns.answer"):
         load_benchmark("imo_answerbench", str(f))
     with pytest.raises(ValueError, match="unknown field 'rubric'"):
         load_benchmark("imo_proofbench", str(f), columns={"rubric": "x"})
-    dup = write_rows(tmp_path / "dup.jsonl", [{"problem_id": "a", "problem": "p", "answer": "1"}] * 2)
-    with pytest.raises(ValueError, match="row 1: duplicate 'problem_id' 'a'"):
+    dup = write_rows(tmp_path / "dup.jsonl", [{"question_id": "a", "problem": "p", "answer": "1"}] * 2)
+    with pytest.raises(ValueError, match="row 1: duplicate 'question_id' 'a'"):
         load_benchmark("imo_answerbench", str(dup))
     (tmp_path / "x.txt").write_text("problem_id problem answer\n")
     with pytest.raises(ValueError, match="unsupported benchmark file type '.txt'"):
@@ -51,7 +56,7 @@ def test_column_table_override_and_missing_column_error(tmp_path):
 
 def test_csv_source_and_prompts(tmp_path):
     f = tmp_path / "ab.csv"
-    f.write_text('problem_id,problem,answer,category\nAB-1,"Find x with x+1=3, x real.",2,Algebra\n')
+    f.write_text('question_id,problem,answer,category\nAB-1,"Find x with x+1=3, x real.",2,Algebra\n')
     (row,) = load_benchmark("imo_answerbench", str(f))
     assert row == benchmarks.Problem(id="AB-1", problem="Find x with x+1=3, x real.", answer="2", category="Algebra")
     fmt = FORMATS["imo_answerbench"]
