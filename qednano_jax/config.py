@@ -277,7 +277,7 @@ class EvalConfig:
     summary_max_new_tokens: int = field(64, "rc: summarizer budget per summary (paper: the policy's own budget)",
                                         ge=1)
     summary_temperature: float = field(0.8, "rc: summarizer temperature", ge=0)
-    seed: int = field(0, "sampling seed; run r, batch b use seed + 1000 * r + b", ge=0)
+    seed: int = field(0, "sampling seed; each (run, batch) draws its own seed from it", ge=0)
     batch_size: int = field(8, "prompts sent to the rollout backend in one generate call", ge=1)
     out_dir: str = field("runs/eval-tiny", "results.jsonl (resumable), summary.md, summary.json, scores.png")
     name: str = field("", "label of this run in tables and charts ('' = the out_dir name)")
