@@ -16,7 +16,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 QWEN3 = "qwen3"  # name accepted by load_tokenizer for the bundled real Qwen3 tokenizer
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", THINK_OPEN, THINK_CLOSE]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# As in Qwen3, the think tags are added tokens but not "special": decoding with skip_special_tokens keeps them, so a
+# completion's text still holds the </think> that separates reasoning from the proof.
+THINK_TOKENS = [THINK_OPEN, THINK_CLOSE]
 
 # Qwen3-Thinking-2507-style template, written for our tiny tokenizers: ChatML turns; an assistant turn with
 # `reasoning_content` renders it inside <think>...</think>; the generation prompt opens <think>.
@@ -53,13 +56,18 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
-    """Token ids of a single-user-message chat prompt whose generation prompt opens the thinking block."""
+def prompt_text(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
+    """The chat text of a single-user-message prompt whose generation prompt opens the thinking block."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                          add_generation_prompt=True)
     if not text.rstrip("\n").endswith(THINK_OPEN):  # the hybrid Qwen3 template leaves <think> to the model
         text += THINK_OPEN + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
+    """Token ids of a single-user-message chat prompt whose generation prompt opens the thinking block."""
+    return tokenizer(prompt_text(tokenizer, user_text), add_special_tokens=False)["input_ids"]
 
 
 def train_tiny_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 512) -> Path:
@@ -67,17 +75,18 @@ def train_tiny_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_siz
 
     Used for tiny test checkpoints served by SGLang: a 512-token vocabulary keeps the server and the model small.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(THINK_TOKENS), special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in THINK_TOKENS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", THINK_OPEN, THINK_CLOSE])
+                                   additional_special_tokens=["<|im_start|>"])
     fast.chat_template = CHAT_TEMPLATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
