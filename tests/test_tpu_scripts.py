@@ -281,11 +281,10 @@ def metadata_server():
 
 @pytest.fixture
 def worker_home(tmp_path):
-    """A worker's home as setup.sh leaves it: ~/qednano_jax/.venv whose activate puts its bin first on PATH."""
-    venv = tmp_path / "qednano_jax" / ".venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
-    (venv / "bin" / "activate").write_text(f'PATH="{venv}/bin:$PATH"; export PATH\n')
+    """A worker's home as setup.sh leaves it: ~/qednano_jax with a real venv in .venv (its `activate` is sourced
+    under `set -eu`)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "qednano_jax" / ".venv")],
+                   check=True)
     return tmp_path
 
 
@@ -347,6 +346,27 @@ def test_launch_then_stop_on_a_worker(worker_home, metadata_server, shell):
     assert not _alive(pid) and not pidf.exists()
     r = _on_worker(remote_script(stop), home, env, shell)
     assert r.returncode == 0 and "nothing to stop" in r.stdout
+
+
+def test_setup_unpack_replaces_the_tree_and_keeps_the_venv(tmp_path):
+    """setup.sh's worker-side unpack (the part before the Python/pip install), run on a worker home that holds an
+    older copy: files gone from HEAD disappear, the .venv stays, the copied archive is removed."""
+    home = tmp_path / "home"
+    (home / "qednano_jax" / ".venv").mkdir(parents=True)
+    (home / "qednano_jax" / ".venv" / "marker").write_text("kept")
+    (home / "qednano_jax" / "stale.py").write_text("deleted upstream")
+    archive_cmd, _scp, ssh = dry("setup.sh", env=BASE, home=tmp_path)
+    subprocess.run(archive_cmd, check=True)
+    shutil.copy(archive_cmd[5].split("=", 1)[1], home / "qednano_jax-src.tar.gz")  # --output=PATH
+    unpack = remote_script(ssh).split("; if ! python3.11 -c")[0]
+    r = _on_worker(unpack, home, {})
+    assert r.returncode == 0, r.stderr
+    tree = home / "qednano_jax"
+    assert (tree / "pyproject.toml").read_bytes() == subprocess.run(
+        ["git", "-C", str(REPO), "show", "HEAD:pyproject.toml"], capture_output=True, check=True).stdout
+    assert (tree / "tpu_scripts" / "launch.sh").exists() and (tree / ".venv" / "marker").read_text() == "kept"
+    assert not (tree / "stale.py").exists() and not (home / "qednano_jax-src.tar.gz").exists()
+    assert not (home / "qednano_jax.new").exists()
 
 
 def test_launch_reports_a_command_that_dies_at_once(worker_home):

@@ -10,8 +10,8 @@
 #   - REPO_URL unset: the committed HEAD of this checkout is packed with `git archive` into
 #     ${TMPDIR:-/tmp}/qednano_jax-TPU_NAME.tar.gz, copied to every worker (`tpu-vm scp --worker=all`) and unpacked.
 #     Uncommitted changes are not copied (a warning says so).
-# Python: the package needs Python >= 3.11; when PYTHON (default python3.11) is missing on a worker it is installed
-# with `sudo apt-get install PYTHON PYTHON-venv` (the Ubuntu 22.04 TPU images ship 3.10).
+# Python: the package needs Python >= 3.11; when PYTHON (default python3.11) or its venv module is missing on a
+# worker, `sudo apt-get install PYTHON PYTHON-venv` installs them (the Ubuntu 22.04 TPU images ship 3.10).
 #
 # Required variables: TPU_NAME, ZONE, PROJECT
 # Optional variables:
@@ -37,9 +37,10 @@ PYTHON="${PYTHON:-python3.11}"
 [[ $PYTHON =~ ^python3(\.[0-9]+)?$ ]] || die "PYTHON='$PYTHON': expected an interpreter name like python3.11"
 dir=$(quote "$REMOTE_DIR")
 
-# Install PYTHON when missing, then the venv and the package; the last line checks that it imports.
+# Install PYTHON (with its venv module) when missing, then the venv and the package; the last step checks that the
+# package imports.
 # (the lock timeout waits out the unattended upgrades a fresh TPU VM runs at boot).
-install="if ! command -v $PYTHON >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive"
+install="if ! $PYTHON -c 'import ensurepip' >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive"
 install+=" apt-get install -y -qq -o DPkg::Lock::Timeout=600 $PYTHON $PYTHON-venv; fi"
 install+="; cd $dir && $PYTHON -m venv .venv && .venv/bin/pip install -q -U pip"
 install+=" && .venv/bin/pip install -q -e '.[tpu]'"
