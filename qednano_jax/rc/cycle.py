@@ -200,7 +200,7 @@ def rc_turn(t, state: RCState, tpl: RCTemplates, problem_bp, problem_len_b, poli
     sprompt, splen = summary_prompt(tpl, problem_bp, problem_len_b, state.summary, state.summary_len, think, tlen)
     sout, scount, _ = summary_gen(sprompt, splen, t)
     new, new_len = summary_of(tpl, sout, scount, width=state.summary.shape[1])
-    return _transition(state, out, count, stopped, new, new_len)
+    return _transition(state, out, count, stopped, new, new_len, scount)
 
 
 def _turn_seed(sampling: SamplingParams, t):

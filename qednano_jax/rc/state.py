@@ -28,6 +28,7 @@ class RCState:
     lengths: jax.Array        # [B, T] int32: reasoning tokens generated in each turn
     stopped: jax.Array        # [B, T] bool: the turn ended on a stop token (False = cut at H_R)
     outputs: jax.Array        # [B, T, R] int32: each turn's reasoning output
+    summary_tokens: jax.Array  # [B, T] int32: tokens the summarizer generated after each turn (0: not summarized)
     history: jax.Array        # [B, T + 1, S] int32: the summary each turn started from, then the last summary
     history_len: jax.Array    # [B, T + 1] int32
 
@@ -51,14 +52,17 @@ def init_state(problem_b, initial_tokens, *, turns: int, summary_width: int, rea
                    summary_len=jnp.asarray(summary_len), turn=jnp.zeros((b,), jnp.int32),
                    done=jnp.zeros((b,), bool), rewards=jnp.full((b, turns), jnp.nan, jnp.float32),
                    lengths=jnp.zeros((b, turns), jnp.int32), stopped=jnp.zeros((b, turns), bool),
-                   outputs=jnp.zeros((b, turns, reasoning_width), jnp.int32), history=jnp.asarray(history),
+                   outputs=jnp.zeros((b, turns, reasoning_width), jnp.int32),
+                   summary_tokens=jnp.zeros((b, turns), jnp.int32), history=jnp.asarray(history),
                    history_len=jnp.asarray(history_len))
 
 
-def transition(state: RCState, out_bn, count_b, stopped_b, summary_bs=None, summary_len_b=None) -> RCState:
+def transition(state: RCState, out_bn, count_b, stopped_b, summary_bs=None, summary_len_b=None,
+               summary_count_b=None) -> RCState:
     """One RC turn, carry -> carry (pure; jit-safe): record the turn's reasoning output, its length and stop
-    flag; with a summary (already extracted, [B, S]), REPLACE the current summary by it (never append) and store
-    it as the next state. Rows already done are left as they are."""
+    flag; with a summary (already extracted, [B, S]; `summary_count_b` = the summarizer's generated tokens),
+    REPLACE the current summary by it (never append) and store it as the next state. Rows already done are left
+    as they are."""
     b, t_max = state.lengths.shape
     rows = jnp.arange(b)
     live = ~state.done
@@ -70,15 +74,18 @@ def transition(state: RCState, out_bn, count_b, stopped_b, summary_bs=None, summ
     lengths = state.lengths.at[rows, t].set(keep(jnp.minimum(count_b, r).astype(jnp.int32), state.lengths[rows, t]))
     stopped = state.stopped.at[rows, t].set(keep(stopped_b.astype(bool), state.stopped[rows, t]))
     summary, summary_len, history, history_len = state.summary, state.summary_len, state.history, state.history_len
+    summary_tokens = state.summary_tokens
     if summary_bs is not None:
+        n = summary_len_b if summary_count_b is None else summary_count_b
+        summary_tokens = summary_tokens.at[rows, t].set(keep(n.astype(jnp.int32), summary_tokens[rows, t]))
         summary = keep(summary_bs.astype(jnp.int32), summary)
         summary_len = keep(summary_len_b.astype(jnp.int32), summary_len)
         history = history.at[rows, t + 1].set(keep(summary, history[rows, t + 1]))
         history_len = history_len.at[rows, t + 1].set(keep(summary_len, history_len[rows, t + 1]))
     turn = state.turn + live.astype(jnp.int32)
     return state.replace(summary=summary, summary_len=summary_len, turn=turn, done=turn >= t_max,
-                         lengths=lengths, stopped=stopped, outputs=outputs, history=history,
-                         history_len=history_len)
+                         lengths=lengths, stopped=stopped, outputs=outputs, summary_tokens=summary_tokens,
+                         history=history, history_len=history_len)
 
 
 def with_rewards(state: RCState, rewards_bt) -> RCState:

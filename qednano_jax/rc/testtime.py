@@ -9,7 +9,8 @@
 `thinking(out)` is the part before `</think>`, or the whole output when the thinking was cut off. The summarizer is
 the policy's own backend unless another one is given (QED-Nano summarizes itself at test time). The prompts are our
 own words with the structure of the RC paper's prompts; the training-time solve prompt adds a closing "reason step by
-step" line (`step_by_step=True`). The text helpers here are the pieces the RC training stage reuses.
+step" line (`step_by_step=True`). `run_rc` threads the RC state (rc/state.py) through rc/cycle.py's host loop, the
+same carry and transition as the jitted native loop and RC training; the text helpers here are for reading results.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qednano_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN, prompt_ids
+from qednano_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN
 
 NO_SUMMARY = "[No previous summary]"
 _CHAT_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
@@ -143,36 +144,44 @@ def run_rc(policy: Any, tokenizer: Any, problems: list[str], sampling: Any, *, i
            summary_sampling: Any = None, summarizer: Any = None, summarizer_tokenizer: Any = None) -> list[RCResult]:
     """Test-time RC over a batch of problems on any Rollout backend (one batched `generate` per turn and role).
 
+    The loop is rc/cycle.py's host loop over the RC state (rc/state.py), the same carry and transition the jitted
+    native loop and RC training use: prompts are concatenated token pieces, summaries stay the summarizer's tokens.
     `problems` are the full eval prompts (SPEC §4: {problem} is the "Generate a rigorous proof ..." message).
     `sampling`/`summary_sampling` are rollout SamplingParams; each turn t offsets their seed by t so turns differ.
     """
+    from qednano_jax.rc import cycle, state as rcs  # they import this module's prompts
+
     if iterations < 1:
         raise ValueError(f"rc iterations: expected >= 1, got {iterations}")
-    summarizer = summarizer or policy
-    summarizer_tokenizer = summarizer_tokenizer or tokenizer
     summary_sampling = summary_sampling or sampling
-    summaries = [NO_SUMMARY] * len(problems)
-    results = [RCResult(turns=[]) for _ in problems]
-    for t in range(iterations):
-        texts = [solve_prompt(p, s) for p, s in zip(problems, summaries)]
-        outs = policy.generate([prompt_ids(tokenizer, x) for x in texts], _with_seed(sampling, t), n=1)
-        for res, text, out in zip(results, texts, outs):
-            c = out[0]
-            res.turns.append(Turn(prompt=text, text=decode(tokenizer, c.token_ids), tokens=len(c.token_ids),
-                                  finish_reason=c.finish_reason))
-        if t == iterations - 1:
-            break
-        asks = [summary_prompt(p, s, thinking_part(r.turns[-1].text))
-                for p, s, r in zip(problems, summaries, results)]
-        outs = summarizer.generate([prompt_ids(summarizer_tokenizer, x) for x in asks],
-                                   _with_seed(summary_sampling, t), n=1)
-        for i, (res, out) in enumerate(zip(results, outs)):
-            c = out[0]
-            summaries[i] = summary_text(decode(summarizer_tokenizer, c.token_ids))
-            res.turns[-1].summary, res.turns[-1].summary_tokens = summaries[i], len(c.token_ids)
-    return results
+    tpl = cycle.make_templates(tokenizer, summarizer_tokenizer)
+    problem_bp, problem_len_b = cycle.tokenize_texts(tokenizer, problems)
+    init = tokenizer(NO_SUMMARY, add_special_tokens=False)["input_ids"]
+    state = rcs.init_state(list(range(len(problems))), init, turns=iterations,
+                           summary_width=max(summary_sampling.max_new_tokens, len(init)),
+                           reasoning_width=sampling.max_new_tokens)
+    state = cycle.rc_loop_host(policy, summarizer or policy, tpl, problem_bp, problem_len_b, state,
+                               policy_sampling=sampling, summary_sampling=summary_sampling, summarize_last=False)
+    return results(state, tokenizer, problems)
 
 
-def _with_seed(sampling: Any, offset: int) -> Any:
-    seed = getattr(sampling, "seed", None)
-    return sampling if seed is None or not offset else dataclasses.replace(sampling, seed=seed + offset)
+def results(state: Any, tokenizer: Any, problems: list[str], step_by_step: bool = False) -> list[RCResult]:
+    """An RC state as text: one RCResult per problem, a Turn per reasoning turn (its prompt rendered as text)."""
+    import numpy as np
+
+    hist, hlen = np.asarray(state.history), np.asarray(state.history_len)
+    outs, lens, stopped = np.asarray(state.outputs), np.asarray(state.lengths), np.asarray(state.stopped)
+    stoks, turn = np.asarray(state.summary_tokens), np.asarray(state.turn)
+    res = []
+    for i, problem in enumerate(problems):
+        turns = []
+        for t in range(int(turn[i])):
+            before = decode(tokenizer, hist[i, t, :hlen[i, t]].tolist())
+            summarized = t + 1 < hist.shape[1] and stoks[i, t] > 0
+            turns.append(Turn(prompt=solve_prompt(problem, before, step_by_step),
+                              text=decode(tokenizer, outs[i, t, :lens[i, t]].tolist()), tokens=int(lens[i, t]),
+                              finish_reason="stop" if stopped[i, t] else "length",
+                              summary=decode(tokenizer, hist[i, t + 1, :hlen[i, t + 1]].tolist()).strip()
+                              if summarized else None, summary_tokens=int(stoks[i, t])))
+        res.append(RCResult(turns=turns))
+    return res

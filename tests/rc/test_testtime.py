@@ -52,27 +52,39 @@ def tiny(tmp_path_factory):
 
 
 def test_rc_loop_replaces_the_summary_and_skips_the_last_summary(tiny):
+    import jax.numpy as jnp
+    import numpy as np
+    from qednano_jax.rc import cycle
+
     engine, tok = tiny
     policy, summarizer = Recording(engine), Recording(engine)
     problems = ["Generate a rigorous proof to the following question:\n\nShow that 2 + 2 = 4.",
                 "Generate a rigorous proof to the following question:\n\nShow that 1 < 2."]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
-    res = tt.run_rc(policy, tok, problems, greedy, iterations=3, summarizer=summarizer,
-                    summary_sampling=SamplingParams(max_new_tokens=8, temperature=0.0))
+    summary_sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+    res = tt.run_rc(policy, tok, problems, greedy, iterations=3, summarizer=summarizer, summary_sampling=summary_sp)
     assert len(policy.calls) == 3 and len(summarizer.calls) == 2    # no summary after the last turn
+    tpl = cycle.make_templates(tok)
+    pb, pl = cycle.tokenize_texts(tok, problems)
     for i, (problem, r) in enumerate(zip(problems, res)):
         assert [t.summary is None for t in r.turns] == [False, False, True]
-        summary = tt.NO_SUMMARY
+        summary = tok(tt.NO_SUMMARY, add_special_tokens=False)["input_ids"]   # the marker's tokens
         for t, turn in enumerate(r.turns):
-            # each turn is conditioned on the latest summary only (replacement, never accumulation)
-            assert turn.prompt == tt.solve_prompt(problem, summary)
-            assert policy.calls[t][i] == prompt_ids(tok, turn.prompt)
+            # each turn is conditioned on the latest summary's tokens only (replacement, never accumulation)
+            s = jnp.asarray([summary + [0] * (8 - len(summary))])
+            ids, n = cycle.reasoning_prompt(tpl, pb[i:i + 1], pl[i:i + 1], s, jnp.asarray([len(summary)]))
+            assert policy.calls[t][i] == np.asarray(ids[0, :n[0]]).tolist()
+            assert turn.prompt == tt.solve_prompt(problem, tt.decode(tok, summary))
             (c,), = engine.generate([policy.calls[t][i]], greedy)
             assert turn.text == tt.decode(tok, c.token_ids) and turn.tokens == len(c.token_ids) == 12
             if turn.summary is not None:
-                ask = tt.summary_prompt(problem, summary, tt.thinking_part(turn.text))
-                assert summarizer.calls[t][i] == prompt_ids(tok, ask)
-                (sc,), = engine.generate([summarizer.calls[t][i]], SamplingParams(max_new_tokens=8, temperature=0.0))
-                assert turn.summary == tt.summary_text(tt.decode(tok, sc.token_ids)) and turn.summary_tokens == 8
-                summary = turn.summary
+                think, tlen = cycle.thinking(tpl, jnp.asarray([c.token_ids]), jnp.asarray([len(c.token_ids)]))
+                ask, an = cycle.summary_prompt(tpl, pb[i:i + 1], pl[i:i + 1], s, jnp.asarray([len(summary)]),
+                                               think, tlen)
+                assert summarizer.calls[t][i] == np.asarray(ask[0, :an[0]]).tolist()
+                (sc,), = engine.generate([summarizer.calls[t][i]], summary_sp)
+                new, nl = cycle.summary_of(tpl, jnp.asarray([sc.token_ids]), jnp.asarray([len(sc.token_ids)]),
+                                           width=8)
+                summary = np.asarray(new[0, :nl[0]]).tolist()
+                assert turn.summary == tt.decode(tok, summary).strip() and turn.summary_tokens == 8
         assert r.text == r.turns[-1].text and r.tokens == 36 and r.summary_tokens == 16
