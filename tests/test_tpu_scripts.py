@@ -245,7 +245,7 @@ def test_real_gcloud_parses_every_printed_command(tmp_path):
 @pytest.mark.parametrize("script", [p.name for p in COMMANDS])
 def test_without_gcloud_fails_clearly(script, tmp_path):
     env = {**CREATE, **RUN, "GCLOUD": str(tmp_path / "no-such-gcloud")}
-    args = ["--", "true"] if script == "launch.sh" else (["--fetch", str(tmp_path / "f")] if script == "logs.sh" else [])
+    args = {"launch.sh": ["--", "true"], "logs.sh": ["--fetch", str(tmp_path / "f")]}.get(script, [])
     r = sh(script, *args, env=env, home=tmp_path, check=False)
     assert r.returncode == 2 and "gcloud not found" in r.stderr and "--dry-run" in r.stderr
     assert "+ " not in r.stderr and list(tmp_path.iterdir()) == []  # nothing ran before the check
@@ -255,7 +255,8 @@ def test_without_gcloud_fails_clearly(script, tmp_path):
 
 class _Metadata(http.server.BaseHTTPRequestHandler):
     """Stand-in for the TPU VM metadata server: worker 1 of a 2-host slice (old name:id:ip endpoint format)."""
-    values = {"agent-worker-number": "1", "worker-network-endpoints": "unknown:unknown:10.0.0.2,unknown:unknown:10.0.0.3"}
+    values = {"agent-worker-number": "1",
+              "worker-network-endpoints": "unknown:unknown:10.0.0.2,unknown:unknown:10.0.0.3"}
 
     def do_GET(self):
         key = self.path.rsplit("/", 1)[-1]

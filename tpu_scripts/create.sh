@@ -37,7 +37,8 @@ while (($#)); do
   case $1 in
     --queued) queued=1 ;;
     --spot | --preemptible | --reserved)
-      [[ -z $capacity || $capacity == "$1" ]] || die "choose one of --spot, --preemptible, --reserved (got $capacity and $1)"
+      [[ -z $capacity || $capacity == "$1" ]] ||
+        die "choose one of --spot, --preemptible, --reserved (got $capacity and $1)"
       capacity=$1 ;;
     *) parse_common "$1" || unknown_arg "$1" ;;
   esac

@@ -57,7 +57,8 @@ need_gcloud
 check_name RUN_NAME
 LOG_DIR="${LOG_DIR:-qednano_logs}"
 LAUNCH_CHECK_SECONDS="${LAUNCH_CHECK_SECONDS:-5}"
-[[ $LAUNCH_CHECK_SECONDS =~ ^[0-9]+$ ]] || die "LAUNCH_CHECK_SECONDS='$LAUNCH_CHECK_SECONDS': expected a number of seconds"
+[[ $LAUNCH_CHECK_SECONDS =~ ^[0-9]+$ ]] ||
+  die "LAUNCH_CHECK_SECONDS='$LAUNCH_CHECK_SECONDS': expected a number of seconds"
 command=$(join_quoted "$@")
 dir=$(quote "$REMOTE_DIR")
 logs=$(quote "$LOG_DIR")

@@ -37,11 +37,12 @@ PYTHON="${PYTHON:-python3.11}"
 [[ $PYTHON =~ ^python3(\.[0-9]+)?$ ]] || die "PYTHON='$PYTHON': expected an interpreter name like python3.11"
 dir=$(quote "$REMOTE_DIR")
 
-# Install PYTHON (with its venv module) when missing, then the venv and the package; the last step checks that the
-# package imports.
-# (the lock timeout waits out the unattended upgrades a fresh TPU VM runs at boot).
-install="if ! $PYTHON -c 'import ensurepip' >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive"
-install+=" apt-get install -y -qq -o DPkg::Lock::Timeout=600 $PYTHON $PYTHON-venv; fi"
+# Install PYTHON with its venv module when missing (the lock timeout waits out the unattended upgrades a fresh TPU
+# VM runs at boot), then the venv and the package; the last step checks that the package imports.
+install="if ! $PYTHON -c 'import ensurepip' >/dev/null 2>&1; then sudo apt-get update -qq"
+install+=" && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600"
+install+=" $PYTHON $PYTHON-venv"
+install+="; fi"
 install+="; cd $dir && $PYTHON -m venv .venv && .venv/bin/pip install -q -U pip"
 install+=" && .venv/bin/pip install -q -e '.[tpu]'"
 install+=" && .venv/bin/python -c 'import jax, qednano_jax; print(\"qednano_jax ready, jax\", jax.__version__)'"

@@ -58,7 +58,8 @@ else
   pidf="$(quote "$LOG_DIR")/$RUN_NAME.pid"
   say "on every worker of '$TPU_NAME': stop run '$RUN_NAME' (SIGTERM to the pid in ~/$LOG_DIR/$RUN_NAME.pid," \
     "SIGKILL after ${timeout}s)"
-  script="cd; $REMOTE_ALIVE; if [ ! -f $pidf ]; then echo \"$me: no $pidf; nothing to stop\"; exit 0; fi; pid=\$(cat $pidf)"
+  script="cd; $REMOTE_ALIVE; if [ ! -f $pidf ]; then echo \"$me: no $pidf; nothing to stop\"; exit 0; fi"
+  script+="; pid=\$(cat $pidf)"
   script+="; if alive \"\$pid\"; then kill -TERM -- \"-\$pid\" 2>/dev/null || kill -TERM \"\$pid\""
   script+="; $wait_kill; if alive \"\$pid\"; then kill -KILL -- \"-\$pid\" 2>/dev/null"
   script+=" || kill -KILL \"\$pid\"; fi; echo \"$me: stopped $RUN_NAME (pid \$pid)\""
