@@ -1,7 +1,5 @@
 """Native engine (qednano_jax/rollout/native.py): parity with transformers generate and with the model's forward,
 sampling masks against hand-computed distributions, determinism, stop ids, bucketing, sharding, refit."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +13,7 @@ from qednano_jax.model.hf import load_hf
 from qednano_jax.rollout import SamplingParams, make_rollout
 from qednano_jax.rollout.native import NativeRollout, generate_tokens, sample_tokens, sampling_logprobs
 from qednano_jax.sharding import RULE_SETS, make_mesh
+from rollout_reference import forward_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +29,6 @@ def model(tiny_hf_dir):
 def engine(model):
     cfg, params, tok, _ = model
     return make_rollout(RolloutConfig(backend="native", max_batch=8), cfg, params, tok)
-
-
-def forward_logprobs(cfg, params, prompt, completion, temperature):
-    """log softmax(logits / T) of each completion token from one full forward pass (T = 1 when greedy)."""
-    ids = prompt + completion
-    pad = 64 - len(ids)  # one compiled shape; causal attention: the padded tail changes nothing before it
-    lp = _forward_lp(cfg, params, jnp.asarray([ids + [0] * pad]), jnp.asarray([ids[1:] + [0] * (pad + 1)]),
-                     temperature or 1.0)
-    return np.asarray(lp[0, len(prompt) - 1:len(ids) - 1])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_lp(cfg, params, ids, targets, temperature):
-    hidden = qwen3.hidden_states(cfg, params, ids)
-    return qwen3.token_logprobs(cfg, params, hidden, targets, temperature=temperature)
 
 
 def test_greedy_matches_transformers_generate(model, engine, tiny_hf_dir):
