@@ -166,6 +166,13 @@ class Config:
     optim: OptimConfig = field(help="optimizer", default_factory=OptimConfig)
     train: TrainConfig = field(help="training loop", default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(help="checkpointing", default_factory=CheckpointConfig)
+    rollout: "RolloutConfig" = field(help="rl: where rollouts come from (native engine or SGLang servers)",
+                                     default_factory=lambda: RolloutConfig())
+    grader: "GraderConfig" = field(help="rl: the rubric grader", default_factory=lambda: GraderConfig())
+    rl: "RLConfig" = field(help="rl: prompts per step, group size, sampling, lag, loss",
+                           default_factory=lambda: RLConfig())
+    rc: "RCConfig" = field(help="rc: reasoning-cache cycles, states sampled, summarizer",
+                           default_factory=lambda: RCConfig())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
@@ -247,6 +254,74 @@ class LossConfig:
                                         "group size: 1024 in the paper)", ge=0)
     divide_advantage_by_std: bool = field(False, "divide r - group mean by the group std (paper: false)")
     advantage_eps: float = field(1e-6, "added to the group std before dividing", gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Stage 2: GRPO-style RL with rubric rewards (SPEC.md §3; qednano_jax/rl/loop.py). Defaults are the paper's
+    numbers. The prompts come from the top-level `data` section (path (`sample` = the bundled FineProofs-RL rows),
+    tokenizer, prompt_template = the RL prompt, seq_len = the packed training row length, shuffle_seed = the prompt
+    sampler's seed, max_examples, on_malformed); prompts too long for seq_len - max_tokens are dropped and counted.
+    `train` gives steps, init, seed, run_dir, log_every, export_hf, progress (batch_size and micro_batches are
+    SFT's: RL packs a varying number of rows, see micro_batch_rows)."""
+    prompts_per_step: int = field(64, "prompts sampled per optimizer step (paper: 64)", ge=1)
+    group_size: int = field(16, "completions per prompt; advantages are taken within a group (paper: 16)", ge=1)
+    max_tokens: int = field(49152, "completion budget (paper: 49,152); a completion that hits it is truncated and "
+                            "kept (its thinking is usually unclosed: empty proof, reward 0)", ge=1)
+    temperature: float = field(0.8, "sampling temperature; the trainer divides its logits by it too (paper: 0.8)",
+                               gt=0)
+    top_p: float = field(1.0, "nucleus sampling (1 = off; paper: 1)", gt=0, le=1)
+    top_k: int = field(-1, "top-k sampling (-1 = off; paper: -1)", ge=-1)
+    min_reward_mean: float = field(0.0, "keep only rows whose `reward_mean` (the dataset's difficulty estimate) is "
+                                   ">= this (0 and max 1 = no filter; SPEC.md §3 curriculum)", ge=0, le=1)
+    max_reward_mean: float = field(1.0, "keep only rows whose `reward_mean` is <= this", ge=0, le=1)
+    max_lag: int = field(0, "off-policy lag: the rollouts of step s+max_lag are generated (and graded) in the "
+                         "background while step s trains, with the weights of step s; rollouts whose weight version "
+                         "is more than max_lag behind the trainer are discarded and counted (0 = on-policy)", ge=0)
+    prompts_per_call: int = field(0, "prompts per rollout generate call (0 = the whole step at once); each finished "
+                                  "call is graded while the next one generates", ge=0)
+    micro_batch_rows: int = field(8, "packed rows of seq_len tokens per micro-batch (must be a multiple of the "
+                                  "data-parallel size); the step accumulates as many micro-batches as it needs", ge=1)
+    seed: int = field(0, "sampling seed: batch b is sampled with seeds drawn from (seed, b), so a resumed run "
+                      "samples as an uninterrupted one", ge=0)
+    loss: LossConfig = field(help="the RL objective", default_factory=lambda: LossConfig())
+
+
+# ----------------------------------------------------------------------------------------------- sections: rc
+
+@dataclasses.dataclass(frozen=True)
+class RCConfig:
+    """Stage 3: RL with a reasoning cache (SPEC.md §4; qednano_jax/rc/). Each step draws rl.prompts_per_step /
+    states_sampled problems; per problem the current policy runs `cycles` RC turns (reason with rl.max_tokens at
+    rl.temperature, summarize), the cycles' T + 1 states (the initial summary and each new one) are emitted, and
+    `states_sampled` of them become training prompts with rl.group_size fresh rollouts each, graded against the
+    original problem text (data.prompt_template). Loss, step, refit and checkpoints are stage 2's (rl section)."""
+    cycles: int = field(3, "T: RC turns per problem, each summarized (paper: num_reasoning_steps 3)", ge=1)
+    states_sampled: int = field(2, "k: states of the T + 1 trained on per problem (paper: rc_stream_samples_per_"
+                                "batch 2); must divide rl.prompts_per_step", ge=1)
+    initial_summary: str = field("", "summary of state s_0 (paper training: empty; test-time RC uses "
+                                 "'[No previous summary]')")
+    step_by_step: bool = field(True, "end the reasoning prompt with the 'step by step' line (training prompt; the "
+                               "test-time prompt omits it)")
+    summary_max_tokens: int = field(2048, "H_S: summarizer output budget, and the summary width of the RC state "
+                                    "(paper: 2048)", ge=1)
+    summary_temperature: float = field(0.7, "summarizer temperature (paper: 0.7)", ge=0)
+    summary_top_p: float = field(0.8, "summarizer nucleus sampling (paper: 0.8)", gt=0, le=1)
+    summary_top_k: int = field(20, "summarizer top-k (paper: 20; -1 = off)", ge=-1)
+    summarizer: str = field("policy", "who summarizes: the policy's own rollout backend (refitted with it), a frozen "
+                            "HF checkpoint on an in-process native engine, or frozen SGLang-compatible servers "
+                            "(paper: Qwen3-4B-Instruct-2507 on its own server)", choices=("policy", "native", "sglang"))
+    summarizer_path: str = field("", "native: the summarizer's HF checkpoint dir")
+    summarizer_tokenizer: str = field("", "the summarizer's tokenizer dir or `qwen3` ('' = the policy's); it must "
+                                      "share the policy's vocabulary (summaries are passed as tokens)")
+    summarizer_urls: tuple[str, ...] = field(default_factory=tuple, help="sglang: the summarizer servers' base URLs "
+                                             "(never refitted: the summarizer is frozen)")
+    loop: str = field("auto", "RC actor loop: `jit` = the whole multi-turn loop as one jitted program (native "
+                      "engines only), `host` = one generate call per turn on any backend, `auto` = jit when the "
+                      "policy and summarizer are native", choices=("auto", "jit", "host"))
+    grade_turns: bool = field(True, "grade each RC turn's own proof too, for logging (SPEC.md §4: not trained on)")
+    seed: int = field(0, "seed of the RC actor's sampling and of the choice of states (both derive from "
+                      "(seed, step), so a resumed run makes the same choices)", ge=0)
 
 
 # ----------------------------------------------------------------------------------------------- sections: eval
