@@ -229,6 +229,22 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
 
 
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local checkpoint directory as is, or a hub id (e.g. `Qwen/Qwen3-4B-Thinking-2507`) fetched into the HF cache:
+    config, safetensors and tokenizer files only (never pickled weights or remote code)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: not a checkpoint directory (nor an org/name hub id)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES]))
+    except Exception as e:  # offline, unknown repo, no access: say which checkpoint and why
+        raise FileNotFoundError(f"{name_or_path}: no such local directory, and the hub download failed: "
+                                f"{type(e).__name__}: {e}") from None
+
+
 def _tensor_files(path: Path) -> tuple[dict[str, Path], Path]:
     """{tensor name: file} from the index (sharded) or the single file; also the file that lists the names."""
     if (path / INDEX_FILE).is_file():
@@ -275,14 +291,14 @@ def _check_tensors(cfg: ModelConfig, files: dict[str, Path], listing: Path, hand
 
 def load_hf(path: str | Path, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
             rules: Rules | None = None) -> tuple[ModelConfig, qwen3.Params]:
-    """Load an HF Qwen3 checkpoint directory -> (ModelConfig, params).
+    """Load an HF Qwen3 checkpoint (a directory, or a hub id: see `resolve_checkpoint`) -> (ModelConfig, params).
 
     `dtype` sets `param_dtype` (default: the checkpoint's). With `mesh`, each leaf is placed by `qwen3.param_axes`
     and `rules` (no rules: replicated); each device reads only its slice from the files, so host memory stays at
     about one tensor. Without `mesh` the params go to the first local device. Further non-shape fields (remat,
     chunks) are set with `dataclasses.replace` on the returned config.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     overrides = {"param_dtype": dtype} if dtype else {}
     cfg = model_config_from_hf(_read_json(path / "config.json"), **overrides)
     files, listing = _tensor_files(path)

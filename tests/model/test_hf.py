@@ -206,6 +206,10 @@ def test_tied_checkpoint_with_an_lm_head(tmp_path):
 
 
 def test_missing_weight_files_are_named(tmp_path, untied):
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model"):  # offline hub id
+        hf.load_hf("no-such-org/no-such-model")
+    with pytest.raises(FileNotFoundError, match="nowhere/at/all"):
+        hf.load_hf(tmp_path / "nowhere/at/all")
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf.load_hf(tmp_path)
     (tmp_path / "config.json").write_text((untied[0] / "config.json").read_text())
