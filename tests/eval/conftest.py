@@ -17,8 +17,11 @@ def proof_hf_dir(tiny_hf_dir, tmp_path_factory):
     A random model almost never closes its thinking, so every proof would be empty and no grader would ever be
     called. Here every embedding gets one large shared coordinate (a = 10 in the last dimension), which dominates
     the final hidden state, and `</think>`'s row gets a little more of it (0.3): its logit rises by ~2 over the rest.
-    Everything else stays random; about 3 in 4 completions of 48 tokens then carry a non-empty proof.
+    Everything else stays random; about 3 in 4 completions of 64 tokens then carry a non-empty proof. The context
+    is raised to 4096 positions (a config field; RoPE has no table) so that grading prompts fit the native judge.
     """
+    import dataclasses
+
     from qednano_jax.data.tokenizer import load_tokenizer
     from qednano_jax.model.hf import load_hf, save_hf
 
@@ -28,6 +31,7 @@ def proof_hf_dir(tiny_hf_dir, tmp_path_factory):
     embed[:, -1] = 10.0
     embed[tc, -1] = 10.3
     params = {**params, "embed": embed}
+    cfg = dataclasses.replace(cfg, max_position_embeddings=4096)
     return save_hf(cfg, params, tmp_path_factory.mktemp("proof_model") / "model", tokenizer_dir=tiny_hf_dir)
 
 
