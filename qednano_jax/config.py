@@ -173,6 +173,8 @@ class Config:
                            default_factory=lambda: RLConfig())
     rc: "RCConfig" = field(help="rc: reasoning-cache cycles, states sampled, summarizer",
                            default_factory=lambda: RCConfig())
+    plan: "PlanConfig" = field(help="sharding planner (`python -m qednano_jax.plan CONFIG`): device counts, TPU, "
+                               "strategies", default_factory=lambda: PlanConfig())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
@@ -324,6 +326,26 @@ class RCConfig:
                       "(seed, step), so a resumed run makes the same choices)", ge=0)
 
 
+# ----------------------------------------------------------------------------------------------- sections: plan
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """The sharding planner (qednano_jax/plan.py): compiles this config's real train step ahead of time for each
+    device count on fake CPU devices and estimates memory, collectives, step time and MFU on a TPU generation."""
+    devices: tuple[int, ...] = field(default_factory=lambda: (8,), help="target device counts (one compile each "
+                                     "per strategy)")
+    tpu: str = field("v5p", "TPU generation (or alias) from configs/tpu.yaml for HBM size, peak FLOP/s and bandwidths")
+    strategies: tuple[str, ...] = field(default_factory=lambda: ("dp", "fsdp", "tp", "fsdp_tp", "config"),
+                                        help="rule sets of sharding.RULE_SETS to plan; `config` = this config's own "
+                                        "mesh section (skipped when it equals a named one)")
+    seq_len: int = field(0, "tokens per row of the planned micro-batch (0 = data.seq_len)", ge=0)
+    rows_per_device: int = field(1, "rows of one micro-batch per data-parallel shard (the planned step runs one "
+                                 "micro-batch: the accumulator and memory do not depend on train.micro_batches)", ge=1)
+    fallback: bool = field(False, "plan strategies whose rules do not divide a dimension anyway, with that axis "
+                           "replicated (sharding.py's fallback); default: report them as not buildable")
+    json: str = field("", "also write the results as JSON to this path ('' = no file)")
+
+
 # ----------------------------------------------------------------------------------------------- sections: eval
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +399,127 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
     """configs/eval/*.yaml (or the embedded tiny defaults when None) + `key=value` overrides -> EvalRunConfig."""
     data = load_yaml(path) if path else {}
     return from_dict(EvalRunConfig, apply_overrides(data, list(overrides)))
+
+
+# ----------------------------------------------------------------------------------------------- sections: data generation
+# (problems, dedup, distill, rubrics and the top-level DataGenConfig: owned by qednano_jax/data/{dedup,distill,rubrics}.py)
+
+SAMPLE_PROBLEMS = str(Path(__file__).resolve().parent / "samples" / "fineproofs_rl.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemsConfig:
+    """The problems data generation starts from (SPEC.md §2: AI-MO/aops and AI-MO/olympiads, filtered, deduplicated
+    and decontaminated). Rows come through `datasets` (data.sft.load_rows); the defaults read the bundled sample."""
+    path: str = field(SAMPLE_PROBLEMS, "local .jsonl/.json/.parquet file or folder, or a hub dataset id")
+    name: str | None = field(None, "hub dataset config")
+    split: str = field("train", "dataset split")
+    text_column: str = field("problem", "column holding the problem statement (the paper's --text-column problem)")
+    solution_column: str = field("", "rubrics: column holding an official solution shown to the scheme writer "
+                                 "('' = none; FineProofs-RL has none)")
+    keep_columns: tuple[str, ...] = field(default_factory=lambda: ("source", "category", "competition"),
+                                          help="columns copied into the output rows when the input has them")
+    limit: int = field(0, "use only the first N rows (0 = all)", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    """`python -m qednano_jax.data.dedup CONFIG`: exact and near-duplicate removal within the problems, and
+    decontamination against benchmark problems (SPEC.md §2), with a JSON report of every removal."""
+    output: str = field("runs/datagen/problems.dedup.jsonl", "kept rows (.jsonl or .parquet); the report goes next "
+                        "to it as <stem>.report.json")
+    ngram: int = field(3, "words per shingle for the near-duplicate and benchmark similarities", ge=1)
+    threshold: float = field(0.7, "near duplicate: Jaccard similarity of the shingle sets >= this", gt=0, le=1)
+    num_perm: int = field(128, "MinHash permutations (candidate search; every candidate is verified exactly)", ge=1)
+    bands: int = field(32, "LSH bands; must divide num_perm (more bands find lower-similarity candidates)", ge=1)
+    benchmarks: tuple[str, ...] = field(default_factory=lambda: ("imo_proofbench=sample", "proofbench=sample"),
+                                        help="benchmarks to decontaminate against, each `format=source` (format: "
+                                        "eval.benchmarks.FORMATS; source: sample, hub, a file or a hub id)")
+    decontam_threshold: float = field(0.5, "contaminated: shingle overlap |A & B| / min(|A|, |B|) with a benchmark "
+                                      "problem >= this (catches a benchmark problem inside a longer text)",
+                                      gt=0, le=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """`python -m qednano_jax.data.distill CONFIG`: teacher proofs as FineProofs-SFT rows (SPEC.md §2). The teacher
+    endpoint is the `teacher` section (its transport: base_url, model, temperature, max_tokens, timeout, retries,
+    backoff, concurrency, api_key_env)."""
+    out_dir: str = field("runs/datagen/distill", "distill.jsonl (resumable), fineproofs_sft.{jsonl,parquet}, "
+                         "summary.json")
+    n: int = field(1, "teacher samples per problem (paper: 1 or 3)", ge=1)
+    enable_thinking: bool = field(True, "sent as chat_template_kwargs.enable_thinking (paper: true)")
+    system_prompt: str = field("", "system message ('' = none, the paper's default)")
+    prompt_template: str = field("{problem}", "user message; {problem} is the problem text (paper: the raw problem)")
+    extra_body: dict[str, Any] = field(default_factory=dict, help="extra fields merged into every request body "
+                                       "(e.g. top_p, separate_reasoning, logit_bias)")
+    grade: bool = field(False, "grade each proof with the `grader` section into `grade_field`")
+    grade_field: str = field("gemini-3-pro-grade", "output column of the grade (0..7; null when the grader failed)")
+    rubric_column: str = field("", "grade: input column with a marking scheme ('' = `default_rubric`)")
+    default_rubric: str = field("7 points for a complete and rigorous proof; partial credit in proportion to the "
+                                "progress a correct argument makes.", "grade: the marking scheme when the row has none")
+    progress: bool = field(True, "show a tqdm progress bar")
+
+
+@dataclasses.dataclass(frozen=True)
+class RubricsConfig:
+    """`python -m qednano_jax.data.rubrics CONFIG`: a 7-point marking scheme per problem from the `writer` endpoint,
+    and the difficulty estimate (k policy rollouts graded against it by `grader`) as FineProofs-RL rows
+    (SPEC.md §3). Policy rollouts come from the `rollout` section (native engine on `policy`, or SGLang servers)."""
+    out_dir: str = field("runs/datagen/rubrics", "rubrics.jsonl (resumable), fineproofs_rl.{jsonl,parquet}, "
+                         "summary.json")
+    prompt_file: str = field("", "scheme-writer template with {problem} and {solution} ('' = the bundled "
+                             "qednano_jax/prompts/marking_scheme.txt)")
+    keep_invalid: bool = field(False, "export schemes that fail the format check (three sections, checkpoints "
+                               "adding up to 7); they are reported either way")
+    difficulty: bool = field(True, "estimate difficulty: k graded policy rollouts per problem")
+    k: int = field(128, "rollouts per problem (paper: 128 of Qwen3-4B-Thinking-2507)", ge=1)
+    prompt_template: str = field("Generate a rigorous proof to the following question:\n\n{problem}",
+                                 "policy user message (the RL prompt, SPEC.md §3)")
+    max_tokens: int = field(49152, "policy completion budget (the RL budget; the paper's estimate budget is not "
+                            "stated)", ge=1)
+    temperature: float = field(0.8, "policy sampling temperature", ge=0)
+    top_p: float = field(1.0, "policy nucleus sampling (1 = off)", gt=0, le=1)
+    top_k: int = field(-1, "policy top-k (-1 = off)", ge=-1)
+    seed: int = field(0, "sampling seed; problem i's rollouts use a seed drawn from (seed, i)", ge=0)
+    batch_problems: int = field(8, "problems whose schemes, rollouts and grades are requested together", ge=1)
+    policy: str = field("", "native: the policy's HF checkpoint dir (SGLang servers hold their own weights)")
+    tokenizer: str = field("qwen3", "the policy's tokenizer (`qwen3` or a dir); must match the servers' model")
+    progress: bool = field(True, "show a tqdm progress bar")
+
+
+def _teacher_default() -> "GraderConfig":
+    return GraderConfig(base_url="http://127.0.0.1:30000/v1", model="deepseek-ai/DeepSeek-Math-V2", api="chat",
+                        reasoning_effort="", temperature=1.0, max_tokens=124928, timeout=7200.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataGenConfig:
+    """The top level of configs/datagen/*.yaml (`python -m qednano_jax.data.{dedup,distill,rubrics} CONFIG
+    [key=value ...]`). Each command reads the sections it needs; the endpoint sections reuse GraderConfig (only its
+    transport fields matter for `teacher` and `writer`)."""
+    problems: ProblemsConfig = field(help="input problems", default_factory=ProblemsConfig)
+    dedup: DedupConfig = field(help="dedup + decontamination", default_factory=DedupConfig)
+    teacher: "GraderConfig" = field(help="distill: the teacher's OpenAI-compatible endpoint (chat completions)",
+                                    default_factory=_teacher_default)
+    distill: DistillConfig = field(help="distill: samples, prompt, output", default_factory=DistillConfig)
+    writer: "GraderConfig" = field(help="rubrics: the marking-scheme writer's endpoint (chat completions)",
+                                   default_factory=lambda: GraderConfig(model="gemini-3-pro-preview", api="chat",
+                                                                        reasoning_effort="high"))
+    rubrics: RubricsConfig = field(help="rubrics: schemes, difficulty estimate, output", default_factory=RubricsConfig)
+    grader: "GraderConfig" = field(help="the grader of distilled proofs and of difficulty rollouts",
+                                   default_factory=lambda: GraderConfig())
+    model: ModelConfig = field(help="rubrics, native rollouts: decoder settings (architecture from rubrics.policy)",
+                               default_factory=ModelConfig)
+    mesh: MeshConfig = field(help="rubrics, native rollouts: device mesh", default_factory=lambda: MeshConfig())
+    rollout: "RolloutConfig" = field(help="rubrics: where policy rollouts come from",
+                                     default_factory=lambda: RolloutConfig())
+
+
+def load_datagen_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DataGenConfig:
+    """configs/datagen/*.yaml (or the embedded defaults when None) + `key=value` overrides -> DataGenConfig."""
+    data = load_yaml(path) if path else {}
+    return from_dict(DataGenConfig, apply_overrides(data, list(overrides)))
 
 
 # ----------------------------------------------------------------------------------------------- machinery
