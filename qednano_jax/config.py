@@ -106,7 +106,7 @@ class DataConfig:
     tokenizer: str = field("qwen3", "`qwen3` (bundled real tokenizer) or a local HF tokenizer dir")
     prompt_template: str = field("{problem}", "user turn; {problem} is replaced by the row's problem (SPEC.md §2: "
                                  "the teacher saw the raw problem)")
-    seq_len: int = field(2048, "tokens per packed row (SPEC.md §2 recipe: 45,056)", ge=8)
+    seq_len: int = field(1024, "tokens per packed row (SPEC.md §2 recipe: 45,056)", ge=8)
     overlong: str = field("truncate", "an example longer than seq_len: `drop` it or `truncate` it (counted either "
                           "way)", choices=("drop", "truncate"))
     on_malformed: str = field("error", "a row with a missing/empty/non-string field: `error` (naming row and field) "
@@ -118,7 +118,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with grad-norm clipping and a warmup + cosine (SFT) or constant (RL: 1e-6, SPEC.md §3) schedule."""
-    lr: float = field(1e-3, "peak learning rate", gt=0)
+    lr: float = field(5e-3, "peak learning rate", gt=0)
     schedule: str = field("cosine", "learning-rate shape after warmup", choices=("cosine", "constant"))
     warmup_ratio: float = field(0.1, "fraction of train.steps spent in linear warmup from 0", ge=0, le=1)
     final_lr_ratio: float = field(0.0, "cosine: lr at the last step as a fraction of the peak", ge=0, le=1)
@@ -132,8 +132,8 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The loop: steps, batch, accumulation, initialisation, run directory."""
-    steps: int = field(30, "optimizer steps", ge=1)
-    batch_size: int = field(4, "packed rows per optimizer step (global, all hosts)", ge=1)
+    steps: int = field(40, "optimizer steps", ge=1)
+    batch_size: int = field(1, "packed rows per optimizer step (global, all hosts)", ge=1)
     micro_batches: int = field(1, "gradient accumulation: the batch is split into this many micro-batches "
                                "(lax.scan); must divide batch_size", ge=1)
     init: str = field("random", "`random` (seeded init) or a local HF checkpoint dir to fine-tune")
@@ -148,7 +148,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """orbax checkpoints in run_dir/checkpoints (DESIGN.md principle 4)."""
-    every: int = field(10, "save every N steps (and at the last step)", ge=1)
+    every: int = field(20, "save every N steps (and at the last step)", ge=1)
     keep: int = field(3, "newest checkpoints kept", ge=1)
     async_save: bool = field(True, "write checkpoints in the background while training continues")
     export_hf_each: bool = field(False, "also export each checkpoint as an HF checkpoint (run_dir/hf-step-N)")

@@ -1,4 +1,4 @@
-"""Throwaway FineProofs-SFT rows for the SFT tests (the bundled sample file is used by the demo/overfit tests)."""
+"""Throwaway FineProofs-SFT rows for the SFT tests (the demo and overfit tests use the bundled sample file)."""
 import json
 import random
 
