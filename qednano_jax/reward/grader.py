@@ -294,12 +294,12 @@ class OpenAIGrader(Grader):
                            for c in item.get("content") or [] if c.get("type") in ("output_text", "text"))
         raise ValueError(f"reply has neither 'choices' nor 'output' (keys: {sorted(data)[:8]})")
 
-    def _post(self, prompt: str, headers: dict) -> str:
+    def _post(self, body: dict, headers: dict, parse):
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
         try:
-            resp = session.post(self.url, json=self._body(prompt), headers=headers, timeout=self.cfg.timeout)
+            resp = session.post(self.url, json=body, headers=headers, timeout=self.cfg.timeout)
         except requests.RequestException as e:  # timeouts, refused or dropped connections
             raise _Retryable(f"{type(e).__name__}: {e}") from None
         if resp.status_code != 200:
@@ -308,18 +308,26 @@ class OpenAIGrader(Grader):
                 raise _Retryable(msg)
             raise _Fatal(msg)
         try:
-            return self._text(resp.json())
+            return parse(resp.json())
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _Retryable(f"malformed reply: {e}: {resp.text[:300]}") from None
 
     def _reply(self, prompt: str) -> tuple[str | None, str, int]:
+        return self.request(self._body(prompt), self._text)
+
+    def request(self, body: dict, parse=None) -> tuple[object | None, str, int]:
+        """POST a finished JSON `body` to the endpoint with this grader's key, timeout, retries and backoff, and
+        return (parse(reply JSON), error, attempts); the value is None when every attempt failed. `parse` (default:
+        the whole JSON) raising ValueError/KeyError/IndexError/TypeError marks a malformed reply, which is retried.
+        The transport of `ask`, shared with callers that build their own requests (data/distill.py's teacher)."""
+        parse = parse or (lambda data: data)
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         scrub = (lambda s: s.replace(key, "***")) if key else (lambda s: s)
         error = ""
         for attempt in range(1, self.cfg.retries + 2):
             try:
-                return self._post(prompt, headers), "", attempt
+                return self._post(body, headers, parse), "", attempt
             except _Retryable as e:
                 error = scrub(f"{self.url}: {e}")
             except _Fatal as e:
