@@ -127,30 +127,36 @@ def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
 
 
 def _attend(q_bthe, k_bske, v_bske, mask_bts):
-    """Grouped-query softmax attention; scores and softmax in fp32."""
+    """Grouped-query softmax attention; scores and softmax in fp32.
+
+    The g query heads that share a KV head are laid out next to the query rows ([b, k, g, t, e]), so each KV head's
+    scores are one plain [g*t, s] matmul and the big [b, k, g, t, s] tensors need no transposed copies.
+    """
     b, t, h, e = q_bthe.shape
     kh = k_bske.shape[2]
-    q = q_bthe.reshape(b, t, kh, h // kh, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32) * (e ** -0.5)
+    q = q_bthe.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgte,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32) * (e ** -0.5)
     scores = jnp.where(mask_bts[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
-    return out.reshape(b, t, h, e)
+    out = jnp.einsum("bkgts,bske->bkgte", probs, v_bske)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def _attention(q, k, v, mask_fn, chunk: int):
-    """Attention with the mask built per query block, so that at most [b, heads, chunk, s] scores exist."""
+def _attention(q, k, v, mask_fn, chunk: int, causal: bool = False):
+    """Attention with the mask built per query block, so that at most [b, heads, chunk, s] scores exist.
+
+    `causal` (the full forward, where query i never sees key j > i): query block [i, i + chunk) attends only keys
+    [0, i + chunk), skipping the masked upper triangle, about half the score work on long rows. The blocks have
+    different key lengths, so they are unrolled (t / chunk of them per layer, compiled once under the layer scan).
+    """
     t = q.shape[1]
     if chunk <= 0 or chunk >= t or t % chunk:
         return _attend(q, k, v, mask_fn(0, t))
-    n = t // chunk
-
-    def one(i):
-        qi = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, axis=1)
-        return _attend(qi, k, v, mask_fn(i * chunk, chunk))
-
-    out = jax.lax.map(one, jnp.arange(n))  # [n, b, chunk, h, e]
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+    out = []
+    for start in range(0, t, chunk):
+        end = start + chunk if causal else k.shape[1]
+        out.append(_attend(q[:, start:start + chunk], k[:, :end], v[:, :end], mask_fn(start, chunk)[:, :, :end]))
+    return jnp.concatenate(out, axis=1)
 
 
 def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, mask_fn, kv_write=None):
@@ -167,7 +173,7 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, mask_fn, kv_write=
     k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     if kv_write is not None:
         k, v = kv_write(k, v)
-    a = _attention(q, k, v, mask_fn, cfg.attention_chunk if kv_write is None else 0)
+    a = _attention(q, k, v, mask_fn, cfg.attention_chunk if kv_write is None else 0, causal=kv_write is None)
     o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
     x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
