@@ -72,10 +72,11 @@ def reply_of(c: Completion, prompt_len: int, return_logprob: bool, latency: floa
 
 
 class Batcher:
-    """Collects concurrent requests' rows and runs them as one engine call (one worker thread)."""
+    """Collects concurrent requests' rows and runs them as one engine call (one worker thread): after the first
+    request it waits for more until none arrives for `wait_s`, at most `max_wait_s`."""
 
-    def __init__(self, engine, wait_s: float = 0.005):
-        self.engine, self.wait_s = engine, wait_s
+    def __init__(self, engine, wait_s: float = 0.01, max_wait_s: float = 0.1):
+        self.engine, self.wait_s, self.max_wait_s = engine, wait_s, max_wait_s
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._loop, daemon=True, name="serve-batcher").start()
 
@@ -87,10 +88,10 @@ class Batcher:
     def _loop(self):
         while True:
             items = [self._q.get()]
-            time.sleep(self.wait_s)
-            while True:
+            deadline = time.monotonic() + self.max_wait_s
+            while time.monotonic() < deadline:  # keep gathering while requests keep arriving
                 try:
-                    items.append(self._q.get_nowait())
+                    items.append(self._q.get(timeout=self.wait_s))
                 except queue.Empty:
                     break
             rows = [r for rs, _ in items for r in rs]
