@@ -203,15 +203,10 @@ def rc_turn(t, state: RCState, tpl: RCTemplates, problem_bp, problem_len_b, poli
     return _transition(state, out, count, stopped, new, new_len, scount)
 
 
-def _turn_seed(sampling: SamplingParams, t):
-    if sampling.seed is None:
-        raise ValueError("rc_loop_jit: give the SamplingParams a seed (turn t samples with seed + t)")
-    return sampling.seed + t
-
-
 # ----------------------------------------------------------------------------------------------- the jitted loop
 
-def _native_gen(cfg, params, eos_ids: tuple, sampling: SamplingParams):
+def _native_gen(cfg, params, eos_ids: tuple, sampling: SamplingParams, seed):
+    """A GenerateFn on the native engine's jitted decode loop; `seed` is traced (a new seed never recompiles)."""
     from qednano_jax.rollout.native import generate_tokens
 
     stops = jnp.asarray(tuple(dict.fromkeys((*sampling.stop_token_ids, *eos_ids))), jnp.int32)
@@ -219,9 +214,9 @@ def _native_gen(cfg, params, eos_ids: tuple, sampling: SamplingParams):
     def gen(tokens_bp, lengths_b, t):
         b = tokens_bp.shape[0]
         full = lambda v, dt: jnp.full((b,), v, dt)
-        seed = jnp.asarray(_turn_seed(sampling, t)).astype(jnp.uint32)
+        seed_t = (seed + t).astype(jnp.uint32)
         out, _, count, stopped = generate_tokens(
-            cfg, params, tokens_bp, lengths_b, jnp.broadcast_to(seed, (b,)), jnp.arange(b, dtype=jnp.int32),
+            cfg, params, tokens_bp, lengths_b, jnp.broadcast_to(seed_t, (b,)), jnp.arange(b, dtype=jnp.int32),
             full(sampling.temperature, jnp.float32), full(sampling.top_p, jnp.float32),
             full(sampling.top_k, jnp.int32), full(sampling.max_new_tokens, jnp.int32),
             jnp.broadcast_to(stops, (b, stops.shape[0])), max_new=sampling.max_new_tokens)
@@ -232,16 +227,17 @@ def _native_gen(cfg, params, eos_ids: tuple, sampling: SamplingParams):
 @functools.partial(jax.jit, static_argnames=("policy_cfg", "summary_cfg", "policy_eos", "summary_eos",
                                              "policy_sampling", "summary_sampling", "summarize_last"))
 def rc_loop_jit(policy_cfg, policy_params, summary_cfg, summary_params, tpl: RCTemplates, problem_bp,
-                problem_len_b, state: RCState, *, policy_eos: tuple, summary_eos: tuple,
+                problem_len_b, state: RCState, policy_seed, summary_seed, *, policy_eos: tuple, summary_eos: tuple,
                 policy_sampling: SamplingParams, summary_sampling: SamplingParams,
                 summarize_last: bool = True) -> RCState:
     """All `state.turns` RC turns of a batch as one jitted program over the carry (see module doc).
 
     Turn t samples with seed + t (policy and summarizer seeds from their SamplingParams) and row index = the row,
     exactly as `NativeRollout.generate(..., seed + t)` does, so the host loop over the native engine draws the same
-    samples. `summarize_last=False`: no summary after the last turn (test-time RC)."""
-    policy_gen = _native_gen(policy_cfg, policy_params, policy_eos, policy_sampling)
-    summary_gen = _native_gen(summary_cfg, summary_params, summary_eos, summary_sampling)
+    samples. The seeds are traced int32 scalars (the static SamplingParams carry seed None), so every step of a run
+    reuses one compiled program. `summarize_last=False`: no summary after the last turn (test-time RC)."""
+    policy_gen = _native_gen(policy_cfg, policy_params, policy_eos, policy_sampling, policy_seed)
+    summary_gen = _native_gen(summary_cfg, summary_params, summary_eos, summary_sampling, summary_seed)
     turns = state.turns
     full = turns if summarize_last else turns - 1
     body = lambda t, st: rc_turn(t, st, tpl, problem_bp, problem_len_b, policy_gen, summary_gen)
@@ -254,12 +250,28 @@ def rc_loop_jit(policy_cfg, policy_params, summary_cfg, summary_params, tpl: RCT
 def run_native(policy, summarizer, tpl: RCTemplates, problem_bp, problem_len_b, state: RCState, *,
                policy_sampling: SamplingParams, summary_sampling: SamplingParams,
                summarize_last: bool = True) -> RCState:
-    """`rc_loop_jit` on two NativeRollout engines (the same engine twice when the policy summarizes itself)."""
+    """`rc_loop_jit` on two NativeRollout engines (the same engine twice when the policy summarizes itself), under
+    the policy engine's sharding rules when it has a mesh (the summarizer engine must then share that mesh)."""
+    import contextlib
+
+    from qednano_jax.sharding import use_rules
+
     check_widths(state, problem_bp, policy_sampling, summary_sampling)
-    return rc_loop_jit(policy.cfg, policy.params, summarizer.cfg, summarizer.params, tpl, jnp.asarray(problem_bp),
-                       jnp.asarray(problem_len_b), state, policy_eos=tuple(policy.eos_ids),
-                       summary_eos=tuple(summarizer.eos_ids), policy_sampling=policy_sampling,
-                       summary_sampling=summary_sampling, summarize_last=summarize_last)
+    mesh = getattr(policy, "mesh", None)
+    with use_rules(mesh, policy.rules) if mesh is not None else contextlib.nullcontext():
+        return rc_loop_jit(policy.cfg, policy.params, summarizer.cfg, summarizer.params, tpl,
+                           jnp.asarray(problem_bp), jnp.asarray(problem_len_b), state,
+                           _seed(policy_sampling), _seed(summary_sampling),
+                           policy_eos=tuple(policy.eos_ids), summary_eos=tuple(summarizer.eos_ids),
+                           policy_sampling=dataclasses.replace(policy_sampling, seed=None),
+                           summary_sampling=dataclasses.replace(summary_sampling, seed=None),
+                           summarize_last=summarize_last)
+
+
+def _seed(sampling: SamplingParams):
+    if sampling.seed is None:
+        raise ValueError("rc_loop_jit: give the SamplingParams a seed (turn t samples with seed + t)")
+    return jnp.asarray(sampling.seed, jnp.int32)
 
 
 def check_widths(state: RCState, problem_bp, policy_sampling: SamplingParams, summary_sampling: SamplingParams):

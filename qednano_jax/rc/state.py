@@ -109,3 +109,51 @@ def sample_states(seed: int, step: int, problem: int, num_states: int, k: int) -
         raise ValueError(f"rc.states_sampled: expected 1 <= k <= {num_states} states, got {k}")
     rng = np.random.default_rng([int(seed), int(step), int(problem)])
     return sorted(rng.choice(num_states, size=k, replace=False).tolist())
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def state_to_json(state: RCState) -> dict:
+    """The state as JSON (checkpoint `extra`): token arrays trimmed to their lengths, NaN rewards as null."""
+    hist, hlen = np.asarray(state.history), np.asarray(state.history_len)
+    outs, lens = np.asarray(state.outputs), np.asarray(state.lengths)
+    rewards = np.asarray(state.rewards, np.float64)
+    b, t = lens.shape
+    return {"widths": [int(state.summary.shape[1]), int(outs.shape[2])],
+            "problem": np.asarray(state.problem).tolist(), "turn": np.asarray(state.turn).tolist(),
+            "summary": [np.asarray(state.summary[i, :state.summary_len[i]]).tolist() for i in range(b)],
+            "rewards": [[None if np.isnan(x) else float(x) for x in row] for row in rewards],
+            "lengths": lens.tolist(), "stopped": np.asarray(state.stopped).tolist(),
+            "summary_tokens": np.asarray(state.summary_tokens).tolist(),
+            "outputs": [[outs[i, j, :lens[i, j]].tolist() for j in range(t)] for i in range(b)],
+            "history": [[hist[i, j, :hlen[i, j]].tolist() for j in range(t + 1)] for i in range(b)]}
+
+
+def state_from_json(d: dict) -> RCState:
+    """Inverse of `state_to_json` (same arrays, same padding)."""
+    s_w, r_w = d["widths"]
+    b, t = np.asarray(d["lengths"]).reshape(len(d["problem"]), -1).shape
+
+    def pad(rows, width):
+        out = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out
+
+    outputs = np.zeros((b, t, r_w), np.int32)
+    history = np.zeros((b, t + 1, s_w), np.int32)
+    for i in range(b):
+        outputs[i] = pad(d["outputs"][i], r_w)
+        history[i] = pad(d["history"][i], s_w)
+    turn = np.asarray(d["turn"], np.int32)
+    return RCState(problem=jnp.asarray(d["problem"], jnp.int32), summary=jnp.asarray(pad(d["summary"], s_w)),
+                   summary_len=jnp.asarray([len(x) for x in d["summary"]], jnp.int32), turn=jnp.asarray(turn),
+                   done=jnp.asarray(turn >= t),
+                   rewards=jnp.asarray([[np.nan if x is None else x for x in r] for r in d["rewards"]],
+                                       jnp.float32).reshape(b, t),
+                   lengths=jnp.asarray(d["lengths"], jnp.int32).reshape(b, t),
+                   stopped=jnp.asarray(d["stopped"], bool).reshape(b, t),
+                   outputs=jnp.asarray(outputs),
+                   summary_tokens=jnp.asarray(d["summary_tokens"], jnp.int32).reshape(b, t),
+                   history=jnp.asarray(history),
+                   history_len=jnp.asarray([[len(x) for x in row] for row in d["history"]], jnp.int32))

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from qednano_jax.train import sft
         sft.run(cfg)
         return 0
+    if cfg.stage == "rc":
+        from qednano_jax.rc import train as rc_train  # SPEC.md §4, on the RL loop's trainer and pipeline
+        rc_train.run(cfg)
+        return 0
     try:
         from qednano_jax.rl import loop  # the RL / RC stages (SPEC.md §3, §4)
     except ImportError as e:
