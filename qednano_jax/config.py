@@ -66,7 +66,8 @@ class ModelConfig:
                               choices=("none", "full", "dots", "dots_no_batch", "qkv_proj", "minimal"))
     logprob_chunk: int = field(1024, "sequence chunk for logprobs/loss: [B, chunk, vocab] logits exist at once", ge=1)
     attention_chunk: int = field(0, "query chunk for attention in the full forward (0 = one block): bounds the "
-                                 "[B, heads, chunk, length] score tensor on long rows", ge=0)
+                                 "[B, heads, chunk, length] score tensor on long rows; each block skips the keys "
+                                 "after it (causal)", ge=0)
 
     def __post_init__(self):
         validate(self)
