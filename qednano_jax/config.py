@@ -427,16 +427,19 @@ class ProblemsConfig:
 class DedupConfig:
     """`python -m qednano_jax.data.dedup CONFIG`: exact and near-duplicate removal within the problems, and
     decontamination against benchmark problems (SPEC.md §2), with a JSON report of every removal."""
+    input: str = field("", "rows to deduplicate: a local file/folder or hub id ('' = problems.path; the whole input, "
+                       "problems.limit does not apply)")
     output: str = field("runs/datagen/problems.dedup.jsonl", "kept rows (.jsonl or .parquet); the report goes next "
                         "to it as <stem>.report.json")
-    ngram: int = field(3, "words per shingle for the near-duplicate and benchmark similarities", ge=1)
-    threshold: float = field(0.7, "near duplicate: Jaccard similarity of the shingle sets >= this", gt=0, le=1)
-    num_perm: int = field(128, "MinHash permutations (candidate search; every candidate is verified exactly)", ge=1)
-    bands: int = field(32, "LSH bands; must divide num_perm (more bands find lower-similarity candidates)", ge=1)
+    ngram: int = field(5, "words per shingle for the near-duplicate and benchmark similarities", ge=1)
+    threshold: float = field(0.6, "near duplicate: Jaccard similarity of the shingle sets >= this", gt=0, le=1)
+    num_perm: int = field(256, "MinHash permutations (candidate search; every candidate is verified exactly)", ge=1)
+    bands: int = field(64, "LSH bands; must divide num_perm (rows per band = num_perm / bands; 256 / 64: a pair "
+                       "with Jaccard 0.6 becomes a candidate with probability 0.9999)", ge=1)
     benchmarks: tuple[str, ...] = field(default_factory=lambda: ("imo_proofbench=sample", "proofbench=sample"),
                                         help="benchmarks to decontaminate against, each `format=source` (format: "
                                         "eval.benchmarks.FORMATS; source: sample, hub, a file or a hub id)")
-    decontam_threshold: float = field(0.5, "contaminated: shingle overlap |A & B| / min(|A|, |B|) with a benchmark "
+    decontam_threshold: float = field(0.6, "contaminated: shingle overlap |A & B| / min(|A|, |B|) with a benchmark "
                                       "problem >= this (catches a benchmark problem inside a longer text)",
                                       gt=0, le=1)
 
