@@ -245,7 +245,9 @@ class RLTrainer:
         self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
         self.schedule = optim.schedule(cfg.optim, cfg.train.steps)
         self.st_sh = step_lib.state_shardings(self.model_cfg, self.optimizer, self.mesh, self.rules)
-        self.b_sh = step_lib.batch_shardings(self.mesh, self.rules, BATCH_KEYS)
+        # [M, b, t] arrays split on b over the data-parallel axes (M varies per step: one program per M)
+        self.b_sh = {k: sharding.batch_sharding(self.mesh, self.rules, 3, 1) for k in BATCH_KEYS}
+        self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         dp = self.b_sh["tokens"].spec[1] if len(self.b_sh["tokens"].spec) > 1 else None
         axes = () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
         self.dp_size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
