@@ -143,8 +143,10 @@ def test_cli_trains_checkpoints_and_resumes_after_sigkill(tiny_hf_dir, tmp_path)
             assert mg[step][k] == mw[step][k], (step, k)
     assert mw[3]["rc_turn2_len_mean"] > 0 and "rc_turn2_reward_mean" in mw[3]
     # the checkpoint holds the RC state buffer of the next step (none after the last step)
-    extra = json.loads((ckpt / str(killed_at) / "extra" / "metadata").read_text())
-    assert extra["rc_buffer"]["step"] == killed_at and len(extra["rc_buffer"]["state"]["history"]) == 2
+    extra = json.loads((ckpt / "2" / "extra" / "metadata").read_text())
+    assert extra["rc_buffer"]["step"] == 2 and len(extra["rc_buffer"]["state"]["history"]) == 2
+    # ... holding the problems step 3 trained on (every sample row is usable: positions = dataset indices)
+    assert sorted(extra["rc_buffer"]["state"]["problem"]) == sorted(k[1] for k in want if k[0] == 3)
     final = json.loads((ckpt / "3" / "extra" / "metadata").read_text())
     assert final["rc_buffer"] is None and final["version"] == 3
     # same final weights
