@@ -291,7 +291,7 @@ def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
     rows = cfg.plan.rows_per_device * dp
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     st_sh = step_lib.state_shardings(model_cfg, optimizer, mesh, rules)
-    b_sh = step_lib.batch_shardings(mesh, rules, KEYS)
+    b_sh = step_lib.batch_shardings(mesh, rules, KEYS, (1, rows, seq_len))
     fn = step_lib.make_train_step(model_cfg, step_lib.sft_loss, optimizer, optim.schedule(cfg.optim, cfg.train.steps),
                                   mesh=mesh, rules=rules, state_sh=st_sh, batch_sh=b_sh)
     params = qwen3.abstract_params(model_cfg)

@@ -1,0 +1,160 @@
+"""The sharding planner (qednano_jax/plan.py) against the analytic byte count and against real arrays on the
+8-device test mesh."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qednano_jax import plan as plan_lib
+from qednano_jax import sharding
+from qednano_jax.config import load_config
+from qednano_jax.model import qwen3
+from qednano_jax.train import optim, step as step_lib
+
+FOUR_B = "model=model/qwen3-4b-thinking-2507.yaml"
+
+
+def _device0_bytes(tree) -> int:
+    """Bytes of `tree`'s shards that live on device 0 (what the planner reports per device)."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("dp", marks=pytest.mark.slow)])
+def test_tiny_plan_matches_real_state_and_step(strategy):
+    """Planner bytes == the per-device bytes of a real TrainState on the mesh, and its compiled memory analysis ==
+    that of the step compiled on the real arrays."""
+    cfg = load_config(None, ["plan.seq_len=32"])
+    row = plan_lib.plan_one(cfg, strategy, 8, plan_lib.load_tpu("v5p"))
+    assert row["status"] == "ok"
+
+    mesh = sharding.make_mesh(sharding.MESH_SHAPES[strategy])
+    rules = sharding.RULE_SETS[strategy]
+    opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    st_sh = step_lib.state_shardings(cfg.model, opt, mesh, rules)
+    state = step_lib.init_state(cfg.model, opt, step_lib.random_params(cfg.model, 0, st_sh.params), 0, st_sh)
+    assert row["bytes"]["params"] == _device0_bytes(state.params)
+    assert row["bytes"]["opt_state"] == _device0_bytes(state.opt_state)
+    for d in jax.devices():  # every device holds the same amount (fsdp: even shards; dp: full copies)
+        assert sum(s.data.nbytes for x in jax.tree.leaves(state.params) for s in x.addressable_shards
+                   if s.device == d) == row["bytes"]["params"]
+
+    rows = 8  # one row per data-parallel shard (both strategies split the batch 8 ways)
+    b_sh = step_lib.batch_shardings(mesh, rules, plan_lib.KEYS, (1, rows, 32))
+    fn = step_lib.make_train_step(cfg.model, step_lib.sft_loss, opt, optim.schedule(cfg.optim, cfg.train.steps),
+                                  mesh=mesh, rules=rules, state_sh=st_sh, batch_sh=b_sh)
+    batch = {k: jax.device_put(np.ones((1, rows, 32), np.int32), b_sh[k]) for k in plan_lib.KEYS}
+    batch["denominator"] = jax.device_put(np.float32(1.0), b_sh["denominator"])
+    mem = fn.lower(state, batch).compile().memory_analysis()
+    assert row["bytes"]["arguments"] == mem.argument_size_in_bytes
+    assert row["bytes"]["temp"] == mem.temp_size_in_bytes
+    assert row["bytes"]["params"] + row["bytes"]["opt_state"] <= row["bytes"]["arguments"]
+    assert row["bytes"]["grads"] == row["bytes"]["params"]  # fp32 params: the fp32 accumulator is as large
+
+
+def test_4b_fsdp_8_devices_agrees_with_analytic_count():
+    """4B on 8 fsdp devices: params + AdamW m, v = 12 bytes/param / 8 (+ grads: 16 bytes/param / 8) within 5%;
+    trip-count-weighted HLO FLOPs = the 6N + attention count x 4/3 (full remat recomputes the forward)."""
+    cfg = load_config(None, [FOUR_B, "plan.seq_len=256"])
+    row = plan_lib.plan_one(cfg, "fsdp", 8, plan_lib.load_tpu("v5p"))
+    n = 4_022_468_096
+    b = row["bytes"]
+    assert row["analytic"]["params"] == n
+    assert abs((b["params"] + b["opt_state"]) / (12 * n / 8) - 1) < 0.05
+    assert abs((b["params"] + b["opt_state"] + b["grads"]) / (16 * n / 8) - 1) < 0.05
+    assert abs(row["analytic"]["ratio"] - 1) < 0.05
+    assert 1.25 < row["flops"]["hlo_matmul"] / row["flops"]["model"] < 1.45
+    assert row["flops"]["xla_cost_flops"] < row["flops"]["hlo_matmul"] / 4  # XLA counts each loop body once
+    assert row["flops"]["unknown_trip_counts"] == 0
+    # fsdp gathers every layer's weights (forward, and again for the remat recompute and the backward)
+    assert row["collectives"]["all-gather"]["bytes"] >= b["params"] * 8
+    assert row["fits"] and b["peak"] < 95 * 2**30
+    assert row["estimate"]["step_s"] == max(row["estimate"][k] for k in ("compute_s", "hbm_s", "ici_s"))
+    assert 0 < row["estimate"]["mfu"] < 1
+
+
+def test_cli_json_and_not_divisible_strategy(tmp_path, capsys):
+    """tp on 8 devices with the tiny model's 2 KV heads is reported (table + JSON), not a crash; an unknown
+    TPU generation is a clear config error."""
+    out = tmp_path / "plan.json"
+    assert plan_lib.main(["--devices", "8", "--strategies", "tp", "--seq-len", "32", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "not divisible" in table and "kv_heads (2) % tensor (8)" in table
+    report = json.loads(out.read_text())
+    assert set(report) >= {"tpu", "seq_len", "rows_per_device", "model", "results"}
+    (row,) = report["results"]
+    assert row["strategy"] == "tp" and row["devices"] == 8 and row["status"] == "not divisible"
+    assert row["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert report["tpu"]["name"] == "v5p" and report["model"]["params"] == 9_798_016
+    assert plan_lib.main(["--tpu", "v9000"]) == 2
+    assert "plan.tpu" in capsys.readouterr().err
+
+
+def test_cli_reexecs_for_more_devices_and_reports_invalid_mesh(tmp_path):
+    """12 devices > the 8 this process has: the CLI re-runs itself with 12 CPU devices; fsdp_tp (tensor 2) forms
+    a 1x6x2 mesh there, and the config's own mesh {tensor: 5} cannot be formed (reported as invalid)."""
+    out = tmp_path / "plan.json"
+    assert plan_lib.main(["--devices", "12", "--strategies", "tp,config", "--seq-len", "32", "--json", str(out),
+                          "mesh.shape={data: 1, fsdp: -1, tensor: 5}"]) == 0
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["tp"]["status"] == "not divisible" and rows["tp"]["mesh"]["tensor"] == 12
+    assert rows["config"]["status"] == "invalid" and "12 devices" in rows["config"]["reason"]
+
+
+def test_hlo_analysis_counts_loop_trips_and_collectives():
+    """analyze_hlo on a hand-written module: a dot inside a 3-trip while body and an all-reduce over groups of 4."""
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = f32[8,16]{1,0} all-reduce(%d), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %ar)
+}
+
+%cond (p.1: (s32[], f32[8,16])) -> pred[] {
+  %p.1 = (s32[], f32[8,16]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[8,16]{1,0}) tuple(%z, %a)
+  %wh = (s32[], f32[8,16]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ag = f32[64,16]{1,0} all-gather(%a), replica_groups=mesh['x'=8,'y'=1] {'x'}, dimensions={0}
+  ROOT %r = f32[8,16]{1,0} get-tuple-element(%wh), index=1
+}
+"""
+    out = plan_lib.analyze_hlo(hlo, 8)
+    assert out["matmul_flops"] == 3 * 2 * 8 * 16 * 16
+    ar, ag = out["collectives"]["all-reduce"], out["collectives"]["all-gather"]
+    assert ar["count"] == 3 and ar["bytes"] == 3 * 8 * 16 * 4
+    assert ar["link_bytes"] == pytest.approx(3 * 8 * 16 * 4 * 2 * 3 / 4)  # ring all-reduce over groups of 4
+    assert ag["count"] == 1 and ag["bytes"] == 64 * 16 * 4 and ag["link_bytes"] == pytest.approx(64 * 16 * 4 * 7 / 8)
+    assert out["unknown_trip_counts"] == 0
+
+
+@pytest.mark.slow
+def test_4b_planner_8_32_64_devices(tmp_path):
+    """The 4B config for 8, 32 and 64 devices through the CLI (a subprocess with 64 CPU devices): every strategy is
+    compiled or reported, and every compiled one agrees with the analytic param + optimizer bytes within 5%."""
+    out = tmp_path / "plan.json"
+    assert plan_lib.main([FOUR_B, "--devices", "8,32,64", "--seq-len", "1024", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["devices"], r["strategy"]) for r in rows} == {(n, s) for n in (8, 32, 64)
+                                                            for s in ("dp", "fsdp", "tp", "fsdp_tp")}
+    for r in rows:
+        if r["status"] == "ok":
+            assert abs(r["analytic"]["ratio"] - 1) < 0.05, r
+        else:  # 8 KV heads over 32 or 64 tensor shards
+            assert r["strategy"] in ("tp", "fsdp_tp") and r["status"] == "not divisible" and r["devices"] > 8, r
+    assert all(r["status"] == "ok" for r in rows if r["strategy"] in ("dp", "fsdp"))
