@@ -66,7 +66,7 @@ def scheme_text(reply: str) -> str:
 
 _HEAD = re.compile(r"^[ \t#*]*(checkpoints|zero[- ]credit items|deductions)\b(.*)$", re.IGNORECASE | re.MULTILINE)
 _POINTS = re.compile(r"\((\d+)\s*(?:pts?|points?)\b([^)]*)\)", re.IGNORECASE)
-_CHAIN = re.compile(r"^[ \t#*]*chain\s+([A-Z])\b", re.MULTILINE)
+_CHAIN = re.compile(r"^[ \t#*]*chain\s+([A-Z])\b", re.IGNORECASE | re.MULTILINE)
 
 
 def check_scheme(text: str) -> list[str]:
