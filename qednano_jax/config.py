@@ -283,8 +283,8 @@ class RLConfig:
                          "is more than max_lag behind the trainer are discarded and counted (0 = on-policy)", ge=0)
     prompts_per_call: int = field(0, "prompts per rollout generate call (0 = the whole step at once); each finished "
                                   "call is graded while the next one generates", ge=0)
-    micro_batch_rows: int = field(8, "packed rows of seq_len tokens per micro-batch (must be a multiple of the "
-                                  "data-parallel size); the step accumulates as many micro-batches as it needs", ge=1)
+    micro_batch_rows: int = field(8, "packed rows of seq_len tokens per micro-batch (a multiple of the "
+                                  "data-parallel size, else replicated); the step accumulates as many as it needs", ge=1)
     seed: int = field(0, "sampling seed: batch b is sampled with seeds drawn from (seed, b), so a resumed run "
                       "samples as an uninterrupted one", ge=0)
     loss: LossConfig = field(help="the RL objective", default_factory=lambda: LossConfig())

@@ -245,15 +245,18 @@ class RLTrainer:
         self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
         self.schedule = optim.schedule(cfg.optim, cfg.train.steps)
         self.st_sh = step_lib.state_shardings(self.model_cfg, self.optimizer, self.mesh, self.rules)
-        # [M, b, t] arrays split on b over the data-parallel axes (M varies per step: one program per M)
-        self.b_sh = {k: sharding.batch_sharding(self.mesh, self.rules, 3, 1) for k in BATCH_KEYS}
-        self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        dp = self.b_sh["tokens"].spec[1] if len(self.b_sh["tokens"].spec) > 1 else None
+        # [M, b, t] arrays split on b over the data-parallel axes (M varies per step: one program per M); a b that
+        # does not divide over them is replicated (correct, but every device then computes every row)
+        split = sharding.batch_sharding(self.mesh, self.rules, 3, 1)
+        dp = split.spec[1] if len(split.spec) > 1 else None
         axes = () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
         self.dp_size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
         if cfg.rl.micro_batch_rows % self.dp_size:
-            raise ConfigError(f"rl.micro_batch_rows: {cfg.rl.micro_batch_rows} rows do not split over the "
-                              f"{self.dp_size} data-parallel devices of mesh {dict(self.mesh.shape)}")
+            log(f"warning: rl.micro_batch_rows {cfg.rl.micro_batch_rows} does not split over the {self.dp_size} "
+                f"data-parallel devices of mesh {dict(self.mesh.shape)}: micro-batches are replicated")
+            split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.b_sh = {k: split for k in BATCH_KEYS}
+        self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         if cfg.rl.loss.kl_coef:
             raise ConfigError("rl.loss.kl_coef: the RL loop keeps no reference model (SPEC.md §3: kl_coef 0)")
         self.step_fn = step_lib.make_train_step(self.model_cfg, rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
@@ -524,7 +527,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
             if bar is not None:
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
                 bar.update(1)
-            if step == tc.steps or trainer.ckpt.manager.should_save(step):
+            if step == tc.steps or step % cfg.checkpoint.every == 0:
                 save_extra = {"version": step, "counters": dict(counters),
                               "buffer": [f.result().to_json() for f in buffer],
                               "data_stats": dataclasses.asdict(data_stats)}

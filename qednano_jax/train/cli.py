@@ -34,10 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         from qednano_jax.rc import train as rc_train  # SPEC.md §4, on the RL loop's trainer and pipeline
         rc_train.run(cfg)
         return 0
-    try:
-        from qednano_jax.rl import loop  # the RL / RC stages (SPEC.md §3, §4)
-    except ImportError as e:
-        print(f"stage {cfg.stage!r}: the RL loop (qednano_jax.rl.loop) is not available: {e}", file=sys.stderr)
-        return 2
+    from qednano_jax.rl import loop  # stage 2: RL with rubric rewards (SPEC.md §3)
     loop.run(cfg)
     return 0
