@@ -375,6 +375,10 @@ class EvalConfig:
     summary_max_new_tokens: int = field(64, "rc: summarizer budget per summary (paper: the policy's own budget)",
                                         ge=1)
     summary_temperature: float = field(0.8, "rc: summarizer temperature", ge=0)
+    summarizer_urls: tuple[str, ...] = field(default_factory=tuple, help="rc: SGLang-compatible server URLs of a "
+                                             "separate frozen summarizer (RC training used Qwen3-4B-Instruct-2507); "
+                                             "empty = the policy's own backend (the paper's test-time RC)")
+    summarizer_tokenizer: str = field("", "rc: the summarizer's tokenizer dir or `qwen3` ('' = the policy's)")
     seed: int = field(0, "sampling seed; each (run, batch) draws its own seed from it", ge=0)
     batch_size: int = field(8, "prompts sent to the rollout backend in one generate call", ge=1)
     out_dir: str = field("runs/eval-tiny", "results.jsonl (resumable), summary.md, summary.json, scores.png")
@@ -402,8 +406,8 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
     return from_dict(EvalRunConfig, apply_overrides(data, list(overrides)))
 
 
-# ----------------------------------------------------------------------------------------------- sections: data generation
-# (problems, dedup, distill, rubrics and the top-level DataGenConfig: owned by qednano_jax/data/{dedup,distill,rubrics}.py)
+# ------------------------------------------------------------------------------------------ sections: data generation
+# (problems, dedup, distill, rubrics and the top-level DataGenConfig: qednano_jax/data/{dedup,distill,rubrics}.py)
 
 SAMPLE_PROBLEMS = str(Path(__file__).resolve().parent / "samples" / "fineproofs_rl.jsonl")
 
@@ -485,7 +489,9 @@ class RubricsConfig:
     temperature: float = field(0.8, "policy sampling temperature", ge=0)
     top_p: float = field(1.0, "policy nucleus sampling (1 = off)", gt=0, le=1)
     top_k: int = field(-1, "policy top-k (-1 = off)", ge=-1)
-    seed: int = field(0, "sampling seed; problem i's rollouts use a seed drawn from (seed, i)", ge=0)
+    seed: int = field(0, "sampling seed; each batch of problems samples with a seed drawn from (seed, its first "
+                      "problem id): a resumed run with the same batch_problems samples as an uninterrupted one",
+                      ge=0)
     batch_problems: int = field(8, "problems whose schemes, rollouts and grades are requested together", ge=1)
     policy: str = field("", "native: the policy's HF checkpoint dir (SGLang servers hold their own weights)")
     tokenizer: str = field("qwen3", "the policy's tokenizer (`qwen3` or a dir); must match the servers' model")

@@ -155,7 +155,7 @@ def _benchmark_hit(h, sh, bench_hash, bench_sh, index, threshold) -> tuple[int, 
 
 
 def run_dedup(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
-    """Read dedup.input (or problems.path), dedup + decontaminate, write dedup.output and its report; returns the report."""
+    """Read dedup.input (or problems.path), dedup + decontaminate, write dedup.output and its report (returned)."""
     import datasets
 
     p, d = cfg.problems, cfg.dedup

@@ -244,35 +244,36 @@ def run_distill(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
     bar = tqdm(total=len(problems), initial=len(journal.records), unit="problem", desc="distill",
                disable=not d.progress, dynamic_ncols=True)
     pending: dict[int, dict[int, dict]] = {}
+    pool = cf.ThreadPoolExecutor(cfg.teacher.concurrency, thread_name_prefix="teacher")
     try:
-        with cf.ThreadPoolExecutor(cfg.teacher.concurrency, thread_name_prefix="teacher") as pool:
-            futures = [pool.submit(sample, p, s) for p in todo for s in range(d.n)]
-            for fut in cf.as_completed(futures):
-                p, s, reply, error, attempts, latency = fut.result()
-                pid = p["problem_id"]
-                if reply is None:
-                    failed.setdefault(pid, error)
-                    continue
-                tokens["prompt"] += reply["prompt_tokens"]
-                tokens["completion"] += reply["completion_tokens"]
-                reasoning, proof, closed = split_reply(reply["content"], reply["reasoning"])
-                pending.setdefault(pid, {})[s] = {
-                    "sample": s, "reasoning_content": reasoning, "proof": proof, "closed": closed,
-                    "finish_reason": reply["finish_reason"], "prompt_tokens": reply["prompt_tokens"],
-                    "completion_tokens": reply["completion_tokens"], "attempts": attempts,
-                    "latency_s": round(latency, 3)}
-                if len(pending[pid]) < d.n or pid in failed:
-                    continue
-                got = pending.pop(pid)
-                samples = [got[k] for k in range(d.n)]
-                if grader is not None:
-                    _grade(grader, p, samples, d)
-                journal.append({**p, "samples": samples})
-                bar.update(1)
-                elapsed = max(time.monotonic() - start, 1e-9)
-                bar.set_postfix(prompt_tok=tokens["prompt"], gen_tok=tokens["completion"],
-                                gen_tok_s=f"{tokens['completion'] / elapsed:.1f}", failed=len(failed))
-    finally:
+        futures = [pool.submit(sample, p, s) for p in todo for s in range(d.n)]
+        for fut in cf.as_completed(futures):
+            p, s, reply, error, attempts, latency = fut.result()
+            pid = p["problem_id"]
+            if reply is None:
+                failed.setdefault(pid, error)
+                continue
+            tokens["prompt"] += reply["prompt_tokens"]
+            tokens["completion"] += reply["completion_tokens"]
+            reasoning, proof, closed = split_reply(reply["content"], reply["reasoning"])
+            pending.setdefault(pid, {})[s] = {
+                "sample": s, "reasoning_content": reasoning, "proof": proof, "closed": closed,
+                "finish_reason": reply["finish_reason"], "prompt_tokens": reply["prompt_tokens"],
+                "completion_tokens": reply["completion_tokens"], "attempts": attempts,
+                "latency_s": round(latency, 3)}
+            if len(pending[pid]) < d.n or pid in failed:
+                continue
+            got = pending.pop(pid)
+            samples = [got[k] for k in range(d.n)]
+            if grader is not None:
+                _grade(grader, p, samples, d)
+            journal.append({**p, "samples": samples})
+            bar.update(1)
+            elapsed = max(time.monotonic() - start, 1e-9)
+            bar.set_postfix(prompt_tok=tokens["prompt"], gen_tok=tokens["completion"],
+                            gen_tok_s=f"{tokens['completion'] / elapsed:.1f}", failed=len(failed))
+    finally:  # on Ctrl-C, drop the queued requests instead of waiting for them
+        pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
         journal.close()
     records = journal.sorted()

@@ -45,6 +45,42 @@ def test_parse_chat_and_request_body():
                     "top_p": 0.95}
 
 
+def test_prompt_options_reach_the_request_and_the_messages():
+    from qednano_jax.config import load_datagen_config
+    cfg = load_datagen_config("configs/datagen/tiny.yaml", ["distill.system_prompt=Be rigorous.",
+                                                            "distill.prompt_template='Prove: {problem}'",
+                                                            "distill.enable_thinking=false"])
+    body = D.request_body(cfg, "x > 0")
+    assert body["messages"] == [{"role": "system", "content": "Be rigorous."},
+                                {"role": "user", "content": "Prove: x > 0"}]
+    assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["max_tokens"] == 16
+    rec = {"problem_id": 0, "problem": "x > 0", "source": "aops",
+           "samples": [{"reasoning_content": "r", "proof": "p", "grade": 5}, {"reasoning_content": "r", "proof": ""}]}
+    rows, no_proof = D.sft_rows([rec], cfg)
+    assert no_proof == 1 and len(rows) == 1
+    assert rows[0]["messages"][:2] == body["messages"] and rows[0]["gemini-3-pro-grade"] == 5
+
+
+def test_grades_use_the_rubric_column_or_the_default_scheme():
+    from qednano_jax.config import DistillConfig, GraderConfig
+    from qednano_jax.reward import grader as G
+
+    seen = []
+
+    class Scripted(G.Grader):
+        def _reply(self, prompt):
+            seen.append(prompt)
+            return (None, "HTTP 503", 2) if "BROKEN" in prompt else ("<score>6</score>", "", 1)
+
+    g = Scripted(GraderConfig())
+    samples = [{"proof": "fine"}, {"proof": ""}, {"proof": "BROKEN"}]
+    D._grade(g, {"problem": "P", "scheme": "SCHEME-A"}, samples, DistillConfig(grade=True, rubric_column="scheme"))
+    assert [s["grade"] for s in samples] == [6, 0, None] and "HTTP 503" in samples[2]["grade_error"]
+    assert len(seen) == 2 and all("SCHEME-A" in s for s in seen)
+    D._grade(g, {"problem": "P"}, [{"proof": "fine"}], DistillConfig(grade=True, rubric_column="scheme"))
+    assert DistillConfig().default_rubric in seen[-1]
+
+
 def test_changed_input_under_an_existing_journal_is_an_error(tmp_path):
     (tmp_path / D.JOURNAL).write_text(json.dumps({"problem_id": 0, "problem": "old text", "samples": []}) + "\n")
     with pytest.raises(D.DataError, match="problem 0 is not the input's row 0"):
