@@ -156,3 +156,45 @@ def test_cli_trains_checkpoints_and_resumes_after_sigkill(tiny_hf_dir, tmp_path)
     b = ocp.StandardCheckpointer().restore(ckpt / "3" / "state")
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_summarizer_choices(tiny_hf_dir, tmp_path):
+    from qednano_jax.rollout.native import NativeRollout
+    from qednano_jax.rollout.sglang import SGLangRollout
+
+    base = tiny_overrides(tiny_hf_dir, tmp_path)
+    tok = load_tokenizer(tiny_hf_dir)
+    policy = object()
+    cfg = load_config("configs/rc-tiny.yaml", base)
+    assert rc_train.make_summarizer(cfg, policy, tok) == (policy, tok)          # default: the policy's own backend
+    cfg = load_config("configs/rc-tiny.yaml", base + ["rc.summarizer=native", f"rc.summarizer_path={tiny_hf_dir}"])
+    engine, stok = rc_train.make_summarizer(cfg, policy, tok)
+    assert isinstance(engine, NativeRollout) and engine.weight_version == "frozen" and stok.get_vocab() == \
+        tok.get_vocab()
+    cfg = load_config("configs/rc-tiny.yaml", base + ["rc.summarizer=sglang",
+                                                      "rc.summarizer_urls=[http://127.0.0.1:9]"])
+    client, stok = rc_train.make_summarizer(cfg, policy, tok)
+    assert isinstance(client, SGLangRollout) and client.cfg.urls == ("http://127.0.0.1:9",) and stok is tok
+    with pytest.raises(ConfigError, match="rc.summarizer_path"):
+        rc_train.check_config(load_config("configs/rc-tiny.yaml", base + ["rc.summarizer=native"]))
+
+
+def test_rc_actor_jitted_and_host_loops_agree(tiny_hf_dir, tmp_path):
+    """The training RC actor (T 0.8 / 0.7 sampling, seeded per step) makes the same states with rc.loop jit and
+    host on the same native engine."""
+    from qednano_jax.model.hf import load_hf
+    from qednano_jax.rollout.native import NativeRollout
+
+    cfg = load_config("configs/rc-tiny.yaml", tiny_overrides(tiny_hf_dir, tmp_path))
+    tok = load_tokenizer(tiny_hf_dir)
+    rows = [{"problem": f"Let n = {i}. Show that n + 1 is odd.", "rubrics": "7 points."} for i in (2, 4, 6)]
+    prompts, _ = rl_data.build_prompts(rows, tok)
+    model_cfg, params = load_hf(tiny_hf_dir)
+    engine = NativeRollout(model_cfg, params, tok)
+    grade = lambda items: [GradeResult(score=0, reward=0.0) for _ in items]
+    states = [rc_train.RCActor(cfg, engine, engine, tok, tok, prompts, grade, use_jit=j, log=print).run([2, 0], 4)[0]
+              for j in (True, False)]
+    for name in ("outputs", "lengths", "history", "history_len", "summary_tokens", "rewards", "problem"):
+        np.testing.assert_array_equal(np.asarray(getattr(states[0], name)), np.asarray(getattr(states[1], name)))
+    assert np.asarray(states[0].problem).tolist() == [2, 0] and np.asarray(states[0].done).all()
+    assert np.asarray(states[0].history_len)[:, 1:].sum() > 0     # summaries flowed between the turns
