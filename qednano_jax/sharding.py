@@ -130,11 +130,13 @@ MESH_SHAPES: dict[str, dict[str, int]] = {
 }
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_dim: int = 0) -> NamedSharding:
-    """Sharding of a data array whose `batch_dim` axis is the (per-micro-batch) batch; other axes replicated."""
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_dim: int = 0,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    """Sharding of a data array whose `batch_dim` axis is the (per-micro-batch) batch; other axes replicated.
+    With `shape`, a batch that does not divide over the batch axes is replicated (e.g. the 1-row CPU demo)."""
     axes = [None] * ndim
     axes[batch_dim] = "batch"
-    return named_sharding(axes, rules, mesh)
+    return named_sharding(axes, rules, mesh, shape)
 
 
 # ----------------------------------------------------------------------------------------------- multi-host

@@ -62,7 +62,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+        self.every = every
+        options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -74,7 +75,9 @@ class Checkpointer:
 
     def save(self, step: int, state_tree: Any, *, data_state: Any = None, extra: dict | None = None,
              force: bool = False) -> bool:
-        """Save if `step` is due (or `force`); returns whether a save started. `state_tree` is a dict pytree."""
+        """Save if `step` is a multiple of `every` (or `force`); returns whether a save started."""
+        if not force and step % self.every:
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
                                   data=HostJsonSave(data_state),
                                   extra=ocp.args.JsonSave(extra or {}))

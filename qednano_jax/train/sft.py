@@ -81,8 +81,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if tc.batch_size % tc.micro_batches:
         raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
     run_dir = Path(tc.run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     mesh, rules = mesh_and_rules(cfg)
@@ -116,7 +116,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     log(f"model: {n_params:,} params; mesh {dict(mesh.shape)}; {jax.device_count()} devices")
 
     keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-    b_sh = step_lib.batch_shardings(mesh, rules, keys)
+    micro_shape = (tc.micro_batches, tc.batch_size // tc.micro_batches, cfg.data.seq_len)
+    b_sh = step_lib.batch_shardings(mesh, rules, keys, micro_shape)
+    if n_hosts > 1 and b_sh["tokens"].spec[1] is None:
+        raise ConfigError(f"train.batch_size: {micro_shape[1]} rows per micro-batch do not split over the data "
+                          f"axes of mesh {dict(mesh.shape)}; each host must feed its own rows")
     train_step = step_lib.make_train_step(model_cfg, step_lib.sft_loss, optimizer, schedule, mesh=mesh,
                                           rules=rules, state_sh=st_sh, batch_sh=b_sh)
     count = jax.jit(lambda m: jnp.sum(m.astype(jnp.float32)), out_shardings=b_sh["denominator"])
@@ -128,6 +132,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         bar = tqdm(total=tc.steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
     log_fn = bar.write if bar is not None else log
 
+    # audit trail: which examples (dataset row indices) each step consumed on this host
+    consumed_log = open(run_dir / f"consumed.process_{jax.process_index()}.jsonl", "a")
     losses: dict[int, float] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
     for i in range(start, tc.steps):
@@ -136,6 +142,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
         batch["denominator"] = count(batch["loss_mask"])
         state, m = train_step(state, batch)
+        consumed_log.write(json.dumps({"step": i + 1, "ids": sft_data.consumed_ids([local])}) + "\n")
+        consumed_log.flush()
         tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts
         step = i + 1
         if step % tc.log_every == 0 or step == tc.steps:
@@ -160,6 +168,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         bar.close()
     ckpt.close()
     writer.close()
+    consumed_log.close()
     if tc.export_hf:
         export_hf(cfg, model_cfg, state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "losses": losses, "data_stats": dataclasses.asdict(stats),

@@ -77,9 +77,10 @@ def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
     return TrainState(params=p_sh, opt_state=opt_sh, step=replicated, rng=replicated)
 
 
-def batch_shardings(mesh: Mesh, rules, keys, micro: bool = True) -> dict:
-    """[M, b, t] (micro=True) or [b, t] arrays split on the batch axis; `denominator` replicated."""
-    out = {k: sharding.batch_sharding(mesh, rules, 3 if micro else 2, 1 if micro else 0) for k in keys}
+def batch_shardings(mesh: Mesh, rules, keys, shape: tuple[int, ...]) -> dict:
+    """Arrays of `shape` ([M, b, t] micro-batches) split on axis 1 (the batch); `denominator` replicated. A b that
+    does not divide over the batch axes is replicated."""
+    out = {k: sharding.batch_sharding(mesh, rules, len(shape), 1, shape) for k in keys}
     out["denominator"] = NamedSharding(mesh, P())
     return out
 

@@ -40,7 +40,8 @@ def run_steps(mesh_shape, rules, batches, micro: int, devices=None):
     opt = optim.make_optimizer(OPT, 10)
     st_sh = step_lib.state_shardings(CFG, opt, mesh, rules)
     state = step_lib.init_state(CFG, opt, step_lib.random_params(CFG, 0, st_sh.params), 0, st_sh)
-    b_sh = step_lib.batch_shardings(mesh, rules, KEYS)
+    m0 = batches[0]["tokens"]
+    b_sh = step_lib.batch_shardings(mesh, rules, KEYS, (micro, m0.shape[0] // micro, m0.shape[1]))
     fn = step_lib.make_train_step(CFG, step_lib.sft_loss, opt, optim.schedule(OPT, 10), mesh=mesh, rules=rules,
                                   state_sh=st_sh, batch_sh=b_sh)
     losses = []

@@ -1,0 +1,107 @@
+"""The SFT CLI end to end: a run SIGKILLed mid-training and restarted with the same command matches the
+uninterrupted run bit for bit and consumes each example once per epoch; the tiny model overfits the bundled
+sample data; config errors name the field."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from qednano_jax.config import Config, load_config
+from qednano_jax.data.tokenizer import train_tiny_tokenizer
+from qednano_jax.train import sft
+from sft_rows import WORDS, make_rows, write_jsonl
+
+N_ROWS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft_cli")
+    rows = make_rows(N_ROWS, min_words=5, max_words=15)
+    data = write_jsonl(d / "rows.jsonl", rows)
+    tok = train_tiny_tokenizer([" ".join(WORDS)] * 10 + [r["problem"] for r in rows], d / "tok", 320)
+    from transformers import AutoTokenizer
+    vocab = len(AutoTokenizer.from_pretrained(str(tok)))
+    return d, [f"data.path={data}", f"data.tokenizer={tok}", "data.seq_len=128", f"model.vocab_size={vocab}",
+               "model.hidden_size=32", "model.intermediate_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+               "model.head_dim=8", "model.logprob_chunk=32", "train.batch_size=4", "train.micro_batches=2",
+               "train.steps=24", "optim.lr=3e-3", "checkpoint.every=3", "train.export_hf=false",
+               "train.progress=false", "mesh.shape={data: 2, fsdp: -1, tensor: 1}"]
+
+
+def _cli(args, run_dir):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "qednano_jax.train", *args, f"train.run_dir={run_dir}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _last_per_step(path: Path, key: str) -> dict:
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec[key]
+    return out
+
+
+def test_sigkill_resume_is_bit_exact(tiny_setup):
+    d, args = tiny_setup
+    ref = _cli(args, d / "ref")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    ref_loss = _last_per_step(d / "ref" / "metrics.jsonl", "loss")
+    assert sorted(ref_loss) == list(range(1, 25))
+
+    victim = _cli(args, d / "run")
+    metrics = d / "run" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 24
+    again = _cli(args, d / "run")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert "resumed from" in out
+    loss = _last_per_step(metrics, "loss")
+    assert loss == ref_loss  # every step, bit for bit (floats round-trip exactly through JSON)
+
+    ids = _last_per_step(d / "run" / "consumed.process_0.jsonl", "ids")
+    assert ids == _last_per_step(d / "ref" / "consumed.process_0.jsonl", "ids")
+    counts = Counter(i for s in sorted(ids) for i in ids[s])
+    total = sum(counts.values())
+    stats = json.loads((d / "run" / "data_stats.json").read_text())
+    assert stats["used"] == N_ROWS and set(counts) == set(range(N_ROWS))
+    assert all(c in (total // N_ROWS, total // N_ROWS + 1) for c in counts.values())  # once per epoch
+
+
+def test_overfits_sample_data(tmp_path):
+    """The demo config (tiny model, real Qwen3 vocabulary, bundled sample data) with shorter rows and fewer steps."""
+    cfg = load_config(None, [f"train.run_dir={tmp_path}", "train.steps=30", "data.seq_len=512",
+                             "train.export_hf=false", "train.progress=false", "checkpoint.every=100"])
+    assert Path(cfg.data.path).is_file() and len(sft.sft_data.load_rows(cfg.data.path)) >= 30
+    out = sft.run(cfg, log=lambda _: None)
+    losses = [out["losses"][s] for s in sorted(out["losses"])]
+    assert losses[0] > 11.5  # ~ln(151936) for the random model
+    assert sum(losses[-3:]) / 3 < losses[0] - 3.5, losses
+
+
+def test_config_errors_and_help(capsys):
+    from qednano_jax.train.cli import main
+    assert main(["data.overlong=sometimes"]) == 2
+    assert "data.overlong" in capsys.readouterr().err
+    assert main(["train.nope=1"]) == 2
+    assert "train.nope: unknown config key" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "train.micro_batches" in capsys.readouterr().out
+    assert Config().stage == "sft"
