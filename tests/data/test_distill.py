@@ -154,9 +154,9 @@ def test_distill_end_to_end_kill_resume_and_sft_load(sglang_server, tiny_hf_dir,
         assert (rec["source"], rec["category"]) == ("aops", "Algebra")
     for s in samples:
         assert 0 < s["completion_tokens"] <= 12 and s["finish_reason"] in ("stop", "length")
-        assert s["closed"] == bool(s["proof"])
+        assert s["closed"] or not s["proof"]  # closed thinking may still leave an empty proof ("...</think>")
         assert s["grade"] is None or (isinstance(s["grade"], int) and 0 <= s["grade"] <= 7)
-        if not s["closed"]:
+        if not s["proof"]:
             assert s["grade"] == 0  # no proof: scored 0 without a grader call (SPEC.md §3)
     assert summary["samples"] == 2 * len(PROBLEMS) and summary["finished"] == len(PROBLEMS)
     assert summary["completion_tokens"] == sum(s["completion_tokens"] for s in samples)
