@@ -127,11 +127,13 @@ def load_prompts(data_cfg, rl_cfg, tokenizer, log: Callable[[str], None] = print
     prompts, stats = build_prompts(rows, tokenizer, template=data_cfg.prompt_template, max_prompt_tokens=room,
                                    min_reward_mean=rl_cfg.min_reward_mean, max_reward_mean=rl_cfg.max_reward_mean,
                                    on_malformed=data_cfg.on_malformed)
-    log(f"rl data: {stats.rows} rows of {path} -> {stats.used} prompts (longest {stats.prompt_tokens_max} tokens); "
-        f"reward_mean outside [{rl_cfg.min_reward_mean}, {rl_cfg.max_reward_mean}]: {stats.filtered_reward_mean}; "
-        f"prompt over {room} tokens: {stats.dropped_overlong}; malformed skipped: {stats.skipped_malformed}")
+    counts = (f"{stats.rows} rows of {path} -> {stats.used} prompts (longest {stats.prompt_tokens_max} tokens); "
+              f"reward_mean outside [{rl_cfg.min_reward_mean}, {rl_cfg.max_reward_mean}]: {stats.filtered_reward_mean}; "
+              f"prompt over {room} tokens (data.seq_len - rl.max_tokens): {stats.dropped_overlong}; malformed "
+              f"skipped: {stats.skipped_malformed}")
+    log(f"rl data: {counts}")
     if not prompts:
-        raise DataError(f"{path}: no usable RL prompt (see the counts above)")
+        raise DataError(f"no usable RL prompt: {counts}")
     return prompts, stats
 
 

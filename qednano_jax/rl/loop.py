@@ -30,7 +30,6 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -164,3 +164,18 @@ def test_grader_faults_never_stop_the_run(tmp_path, tiny_hf_dir):
         m = out["metrics"][s]
         assert m["grader_failed"] == 16 and m["reward_mean"] == 0.0 and m["score7_frac"] == 0.0
     assert grader.stats.failures == 32 and grader.stats.retries == 32 and _Always500.calls == 64
+
+
+def test_native_random_judge_grades_closed_proofs(tmp_path, tiny_hf_dir):
+    """The tiny demo's grader (grader.backend native, judge_path random) inside the loop: completions that close
+    their thinking are sent to the in-process judge, whose replies are parsed like an endpoint's."""
+    short = tmp_path / "grader.txt"  # the bundled prompt exceeds the tiny model's 2,048-token context
+    short.write_text("Grade 0-7.\nProblem: {problem}\nScheme: {marking_scheme}\nProof: {solution}\n<score>N</score>")
+    cfg = toy_config(tmp_path, tiny_hf_dir, "judge", "train.steps=1", "rl.max_tokens=24", "data.seq_len=128", "grader.backend=native",
+                     "grader.judge_path=random", "grader.max_tokens=8", "grader.concurrency=16",
+                     f"grader.prompt_file={short}")
+    m = loop.run(cfg, log=lambda s: None)["metrics"][1]
+    assert m["grader_total_calls"] > 0, m  # some of the 16 completions close their thinking (1 of 512 tokens)
+    assert m["grader_total_calls"] + m["grader_total_empty"] == 16
+    assert m["grader_total_failures"] == 0
+    assert m["grader_no_score"] + m["grader_empty_proof"] + m["score7_frac"] * 16 <= 16
