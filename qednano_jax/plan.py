@@ -21,7 +21,9 @@ plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and rep
              network: link bytes / ICI bandwidth), all per device; MFU = model FLOPs (metrics.train_flops_per_token,
              the 6N + attention count) / (step time x peak). A roofline-style bound, not a measurement: the CPU
              compiler's fusion and buffer decisions differ from the TPU compiler's, and the network term assumes the
-             whole per-chip ICI bandwidth serves each collective with no overlap.
+             whole per-chip ICI bandwidth serves each collective with no overlap. The HBM term counts every
+             unfused instruction's operands and results at the CPU compiler's (coarser) fusion granularity, so it
+             is an upper bound; mfu_without_hbm (compute and network terms only) is the optimistic end.
 
 A strategy whose rules do not divide a parameter dimension (tp over 64 devices with 8 KV heads) is reported as not
 divisible with the offending axes, not compiled (plan.fallback=true compiles it with those axes replicated, as
@@ -341,7 +343,9 @@ def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
     row["estimate"] = {**t, "hbm_traffic_bytes": hlo["hbm_bytes"], "link_bytes": link, "step_s": step_s,
                        "bound": max(t, key=t.get)[:-2], "tokens_per_step": tokens,
                        "tokens_per_s_per_device": tokens / n_devices / step_s if step_s else 0.0,
-                       "mfu": model_flops / (step_s * tpu["device_peak_flops_per_s"]) if step_s else 0.0}
+                       "mfu": model_flops / (step_s * tpu["device_peak_flops_per_s"]) if step_s else 0.0,
+                       "mfu_without_hbm": model_flops / (max(t["compute_s"], t["ici_s"])
+                                                          * tpu["device_peak_flops_per_s"]) if step_s else 0.0}
     row["fits"] = peak <= tpu["device_hbm_bytes"]
     return row
 
@@ -380,6 +384,10 @@ def _fmt(x: float, unit: float) -> str:
     return f"{x / unit:.2f}"
 
 
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 _SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
           "collective-permute": "CP"}
 
@@ -392,7 +400,7 @@ def format_table(report: dict) -> str:
     unit, uname = (2**30, "GiB") if max(peaks, default=0) >= 2**30 else (2**20, "MiB")
     _gb = lambda x: _fmt(x, unit)  # noqa: E731
     head = ["devices", "strategy", "mesh d/f/t", "params", "opt", "grads", "temp", "peak", "fits", "collectives",
-            "TFLOP", "step ms", "compute/hbm/ici ms", "MFU", "compile s"]
+            "TFLOP", "step ms", "compute/hbm/ici ms", "MFU (no HBM)", "compile s"]
     lines = [head]
     for r in report["results"]:
         mesh = "/".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor")) if r["mesh"] else "-"
@@ -403,10 +411,10 @@ def format_table(report: dict) -> str:
         coll = " ".join(f"{_SHORT[k]} {v['count']:.0f}/{_gb(v['bytes'])}" for k, v in r["collectives"].items()) or "-"
         lines.append([str(r["devices"]), r["strategy"] + ("*" if r["status"] != "ok" else ""), mesh,
                       _gb(b["params"]), _gb(b["opt_state"]), _gb(b["grads"]), _gb(b["temp"]), _gb(b["peak"]),
-                      "yes" if r["fits"] else "NO", coll, f"{r['flops']['hlo_matmul'] / 1e12:.3g}",
-                      f"{e['step_s'] * 1e3:.3g}",
-                      "/".join(f"{e[k] * 1e3:.3g}" for k in ("compute_s", "hbm_s", "ici_s")),
-                      f"{e['mfu']:.1%}", f"{r['compile_s']:.0f}"])
+                      "yes" if r["fits"] else "NO", coll, _num(r['flops']['hlo_matmul'] / 1e12),
+                      _num(e['step_s'] * 1e3),
+                      "/".join(_num(e[k] * 1e3) for k in ("compute_s", "hbm_s", "ici_s")),
+                      f"{e['mfu']:.1%} ({e['mfu_without_hbm']:.0%})", f"{r['compile_s']:.0f}"])
     widths = [max(len(l[i]) for l in lines if len(l) > i and len(l) == len(head)) for i in range(len(head))]
     out = [f"TPU {tpu['name']}: {tpu['device_hbm_bytes'] / 2**30:.1f} GiB HBM, {tpu['device_peak_flops_per_s'] / 1e12:.0f} "
            f"TFLOP/s per device; micro-batch {report['rows_per_device']} row(s) x {report['seq_len']} tokens per "

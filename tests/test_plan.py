@@ -75,7 +75,11 @@ def test_4b_fsdp_8_devices_agrees_with_analytic_count():
     assert row["collectives"]["all-gather"]["bytes"] >= b["params"] * 8
     assert row["fits"] and b["peak"] < 95 * 2**30
     assert row["estimate"]["step_s"] == max(row["estimate"][k] for k in ("compute_s", "hbm_s", "ici_s"))
-    assert 0 < row["estimate"]["mfu"] < 1
+    assert 0 < row["estimate"]["mfu"] <= row["estimate"]["mfu_without_hbm"] < 1
+    table = plan_lib.format_table({"tpu": plan_lib.load_tpu("v5p"), "seq_len": 256, "rows_per_device": 1,
+                                   "model": {"params": n}, "results": [row]})
+    line = table.splitlines()[-1].split()
+    assert line[:3] == ["8", "fsdp", "1/8/1"] and line[3] == f"{b['params'] / 2**30:.2f}" and "yes" in line
 
 
 def test_cli_json_and_not_divisible_strategy(tmp_path, capsys):
