@@ -1,4 +1,5 @@
-"""Sharding planner: `python -m qednano_jax.plan [CONFIG] [key=value ...] [--devices 8,32] [--tpu v5p] [--json PATH]`.
+"""Sharding planner: `python -m qednano_jax.plan [CONFIG] [key=value ...] [--devices 8,32] [--tpu v5p] [--json PATH]
+[--seq-len N] [--strategies dp,fsdp]` (the flags are shorthands for the plan.* config fields listed below).
 
 Answers "does this config fit, and how fast would it run?" before paying for a pod (DESIGN.md scale targets). For
 each device count (plan.devices) and strategy (plan.strategies: the rule sets dp, fsdp, tp, fsdp_tp of sharding.py
@@ -27,7 +28,8 @@ plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and rep
 
 A strategy whose rules do not divide a parameter dimension (tp over 64 devices with 8 KV heads) is reported as not
 divisible with the offending axes, not compiled (plan.fallback=true compiles it with those axes replicated, as
-sharding.py does at train time); a mesh the device count cannot form is reported as invalid.
+sharding.py does at train time); a mesh the device count cannot form is reported as invalid, and a compile that
+raises as compile failed.
 
 JAX needs one CPU device per target device: the process sets XLA_FLAGS=--xla_force_host_platform_device_count=N
 before importing jax, or re-runs itself in a subprocess when jax is already initialised with fewer devices.
@@ -304,7 +306,10 @@ def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
     batch["denominator"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=b_sh["denominator"])
 
     t0 = time.perf_counter()
-    compiled = fn.lower(state, batch).compile()
+    try:
+        compiled = fn.lower(state, batch).compile()
+    except Exception as e:  # noqa: BLE001 - one strategy failing to build is a result, not the end of the plan
+        return {**row, "status": "compile failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     row["compile_s"] = time.perf_counter() - t0
 
     mem = compiled.memory_analysis()

@@ -110,6 +110,21 @@ def test_cli_reexecs_for_more_devices_and_reports_invalid_mesh(tmp_path):
     assert rows["config"]["status"] == "invalid" and "12 devices" in rows["config"]["reason"]
 
 
+def test_compile_failure_is_reported_not_raised(monkeypatch):
+    """A strategy whose compile raises (e.g. XLA out of memory) becomes a `compile failed` row with the error."""
+    class Failing:
+        def lower(self, *args):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 99 GiB\n(details)")
+
+    monkeypatch.setattr(step_lib, "make_train_step", lambda *a, **k: Failing())
+    row = plan_lib.plan_one(load_config(None, ["plan.seq_len=32"]), "fsdp", 8, plan_lib.load_tpu("v5e"))
+    assert row["status"] == "compile failed" and row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert row["reason"] == "RuntimeError: RESOURCE_EXHAUSTED: out of memory allocating 99 GiB"
+    assert "not divisible" not in plan_lib.format_table({"tpu": plan_lib.load_tpu("v5e"), "seq_len": 32,
+                                                         "rows_per_device": 1, "model": {"params": 1},
+                                                         "results": [row]})
+
+
 def test_hlo_analysis_counts_loop_trips_and_collectives():
     """analyze_hlo on a hand-written module: a dot inside a 3-trip while body and an all-reduce over groups of 4."""
     hlo = """HloModule m
