@@ -110,6 +110,7 @@ def _cmd(server, tiny_hf_dir, problems: Path, out: Path, *extra: str) -> list[st
             "distill.progress=false", f"distill.extra_body={{logit_bias: {{'{think_close}': 2.0}}}}", *extra]
 
 
+@pytest.mark.slow  # two CLI runs (one SIGKILLed) against the CPU server: about a minute
 @pytest.mark.sglang
 def test_distill_end_to_end_kill_resume_and_sft_load(sglang_server, tiny_hf_dir, tmp_path):
     problems = tmp_path / "problems.jsonl"

@@ -103,6 +103,7 @@ def _cmd(server, tiny_hf_dir, problems: Path, out: Path, *extra: str) -> list[st
             "rubrics.max_tokens=12", "writer.max_tokens=12", "rubrics.progress=false", *extra]
 
 
+@pytest.mark.slow  # two CLI runs (one SIGKILLed) against the CPU server: about a minute
 @pytest.mark.sglang
 def test_rubrics_end_to_end_kill_resume_and_rl_load(sglang_server, tiny_hf_dir, tmp_path):
     problems = tmp_path / "problems.jsonl"
