@@ -31,7 +31,8 @@ RESULTS = "results.jsonl"
 META = "eval_meta.json"
 # EvalConfig fields that change what an item means; a resumed run must agree on them with the file's first run.
 _IDENTITY = ("benchmark", "source", "split", "columns", "scaffold", "rc_iterations", "checkpoint", "max_new_tokens",
-             "temperature", "top_p", "top_k", "summary_max_new_tokens", "summary_temperature", "seed")
+             "temperature", "top_p", "top_k", "summary_max_new_tokens", "summary_temperature", "summarizer_urls",
+             "seed")
 
 
 def item_key(problem_id: str, run: int) -> str:
@@ -102,11 +103,13 @@ def single_turn(policy: Any, tokenizer: Any, prompts: list[str], sampling: Any) 
             for p, o in zip(prompts, outs)]
 
 
-def generate(ecfg: Any, policy: Any, tokenizer: Any, prompts: list[str], sampling: Any,
-             summary_sampling: Any) -> list[testtime.RCResult]:
+def generate(ecfg: Any, policy: Any, tokenizer: Any, prompts: list[str], sampling: Any, summary_sampling: Any,
+             summarizer: tuple[Any, Any] | None = None) -> list[testtime.RCResult]:
+    """The scaffold: one turn, or test-time RC with `summarizer` = (rollout, tokenizer) (None = the policy)."""
     if ecfg.scaffold == "rc":
+        other, other_tok = summarizer or (None, None)
         return testtime.run_rc(policy, tokenizer, prompts, sampling, iterations=ecfg.rc_iterations,
-                               summary_sampling=summary_sampling)
+                               summary_sampling=summary_sampling, summarizer=other, summarizer_tokenizer=other_tok)
     return single_turn(policy, tokenizer, prompts, sampling)
 
 
@@ -201,7 +204,8 @@ def _seed(*parts: int | str) -> int:
 
 def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, tokenizer: Any,
              judge: Callable[[list[tuple[Problem, str]]], list[Grade]], extract: Callable[[str], str], *,
-             concurrency: int = 8, batch_grading: bool = False, log: Callable[[str], None] = print) -> Path:
+             concurrency: int = 8, batch_grading: bool = False, summarizer: tuple[Any, Any] | None = None,
+             log: Callable[[str], None] = print) -> Path:
     """Generate and grade every (problem, run) not yet in out_dir/results.jsonl; returns the results path.
 
     Grading runs in a thread pool while the next batch generates; a proof is graded alone (HTTP graders: written
@@ -240,7 +244,7 @@ def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, token
                                                        temperature=ecfg.summary_temperature,
                                                        seed=_seed(seed, "summary"))
                 gens = generate(ecfg, policy, tokenizer, [benchmarks.generation_prompt(fmt, p) for p in batch],
-                                sampling, summary_sampling)
+                                sampling, summary_sampling, summarizer)
                 items = [(p, run, g, extract(g.text)) for p, g in zip(batch, gens)]
                 for it in (it for it in items if not it[3]):   # no proof: 0 points, no grader call
                     finish([it], _done([Grade(score=0)]), bar)
@@ -309,6 +313,23 @@ def load_policy(cfg: Any) -> tuple[Any, Any, Any]:
     return model_cfg, (params, mesh, rules), tokenizer
 
 
+def load_summarizer(cfg: Any, tokenizer: Any) -> tuple[Any, Any] | None:
+    """rc with `eval.summarizer_urls`: a client of those servers (same retry/timeout settings as `rollout`) and the
+    summarizer's tokenizer; None = the policy summarizes itself."""
+    ecfg = cfg.eval
+    if ecfg.scaffold != "rc" or not ecfg.summarizer_urls:
+        return None
+    from qednano_jax.data.tokenizer import load_tokenizer
+    from qednano_jax.rollout import make_rollout
+
+    client = make_rollout(dataclasses.replace(cfg.rollout, backend="sglang", urls=ecfg.summarizer_urls), cfg.model)
+    try:
+        tok = load_tokenizer(ecfg.summarizer_tokenizer) if ecfg.summarizer_tokenizer else tokenizer
+    except Exception as e:
+        raise ConfigError(f"eval.summarizer_tokenizer: cannot load {ecfg.summarizer_tokenizer!r}: {e}") from None
+    return client, tok
+
+
 def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
     """`python -m qednano_jax.eval`: generate + grade (resumable), then out_dir/{summary.md,summary.json,scores.png}."""
     from qednano_jax.reward.grader import make_grader
@@ -327,7 +348,8 @@ def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
         policy = make_rollout(cfg.rollout, model_cfg, params, tokenizer, mesh=mesh, rules=rules)
         grader = make_grader(cfg.grader)
         evaluate(ecfg, fmt, problems, policy, tokenizer, make_judge(grader, fmt), extract,
-                 concurrency=cfg.grader.concurrency, batch_grading=batches_grading(grader), log=log)
+                 concurrency=cfg.grader.concurrency, batch_grading=batches_grading(grader),
+                 summarizer=load_summarizer(cfg, tokenizer), log=log)
     else:
         check_meta(out_dir, ecfg)
         log(f"eval {fmt.name}: all {len(problems)} x {ecfg.runs} items already graded in {out_dir / RESULTS}")

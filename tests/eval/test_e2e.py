@@ -96,3 +96,41 @@ def test_sglang_server_generates_and_judges(tmp_path, request, proof_hf_dir, tin
     assert graded and not any(r["grader_failed"] for r in graded), [r["grader_error"] for r in graded]
     assert all(r["max_score"] == 1 and r["score"] in (0, 1) for r in rows)
     assert s.grader_failures == 0 and s.runs == 2
+
+
+def test_rc_with_a_separate_summarizer_server(tmp_path, proof_hf_dir, tiny_hf_dir, native_server, monkeypatch):
+    """Test-time RC whose summaries come from another model behind HTTP (`python -m qednano_jax.serve` on the
+    session's tiny model): every summary is that server's greedy reply to our summary prompt (asked again here with
+    the same token ids, one at a time as in the eval), and it conditions the next turn."""
+    from qednano_jax.rc import testtime as tt
+    from qednano_jax.rollout.base import SamplingParams
+
+    asked = []
+    real = eval_run.load_summarizer
+
+    def recording(cfg, tokenizer):
+        client, tok = real(cfg, tokenizer)
+        generate = client.generate
+        client.generate = lambda prompts, sp, n=1: asked.append(prompts) or generate(prompts, sp, n)
+        return client, tok
+
+    monkeypatch.setattr(eval_run, "load_summarizer", recording)
+    out = tmp_path / "rc-sum"
+    cfg = EvalRunConfig(rollout=RolloutConfig(backend="native"), grader=native_judge(proof_hf_dir),
+                        eval=EvalConfig(benchmark="imo_answerbench", source="sample", limit=1, runs=2, scaffold="rc",
+                                        rc_iterations=2, checkpoint=str(proof_hf_dir), max_new_tokens=32,
+                                        summary_max_new_tokens=12, summary_temperature=0.0,
+                                        summarizer_urls=(native_server.url,), summarizer_tokenizer=str(tiny_hf_dir),
+                                        batch_size=1, out_dir=str(out), progress=False))
+    eval_run.run_eval(cfg, log=lambda _: None)
+    client, tok = real(cfg, None)
+    rows = sorted(check_outputs(out, 2, "imo_answerbench"), key=lambda r: r["run"])
+    assert len(asked) == 2 and all(len(a) == 1 for a in asked)          # one summary per problem and run
+    for r, (ids,) in zip(rows, asked):
+        first, last = r["turns"]
+        problem = first["prompt"].split("### PROBLEM\n", 1)[1].split("\n\n### SUMMARY", 1)[0]
+        ask = tt.summary_prompt(problem, tt.NO_SUMMARY, tt.thinking_part(first["text"]))
+        assert tok.decode(ids).endswith(ask + "<|im_end|>\n<|im_start|>assistant\n<think>\n")
+        (c,), = client.generate([ids], SamplingParams(max_new_tokens=12, temperature=0.0))
+        assert first["summary"] == tt.summary_text(tt.decode(tok, c.token_ids))
+        assert last["prompt"] == tt.solve_prompt(problem, first["summary"])
