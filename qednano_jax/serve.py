@@ -181,6 +181,11 @@ class Server:
                 "preferred_sampling_params": None, "weight_version": self.engine.weight_version}
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a trainer opens many connections at once; the default backlog of 5 resets them
+
+
 def make_handler(server: Server):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -261,8 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         from qednano_jax.sharding import MESH_SHAPES, RULE_SETS, make_mesh
         mesh, rules = make_mesh(MESH_SHAPES[args.mesh]), RULE_SETS[args.mesh]
     server = Server(args.model_path, max_batch=args.max_batch, version=args.weight_version, mesh=mesh, rules=rules)
-    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
-    httpd.daemon_threads = True
+    httpd = _HTTPServer((args.host, args.port), make_handler(server))
     log.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     try:
         httpd.serve_forever()

@@ -30,7 +30,7 @@ from qednano_jax.config import ModelConfig
 from qednano_jax.model import qwen3
 from qednano_jax.model.hf import generation_config_dict
 from qednano_jax.rollout.base import Completion, RefitResult, SamplingParams, check_prompts
-from qednano_jax.sharding import batch_sharding, tree_shardings, use_rules
+from qednano_jax.sharding import batch_sharding, constrain, tree_shardings, use_rules
 
 _MIN_LEN_BUCKET = 16
 _MIN_BATCH_BUCKET = 8
@@ -95,7 +95,8 @@ def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, ind
     stops after a token in stop_bs[r] (-1 = padding) or after max_new_b[r] tokens; its later entries are 0.
     """
     b, p = tokens_bp.shape
-    cache = qwen3.init_cache(cfg, b, p + max_new)
+    axes = qwen3.cache_axes()
+    cache = {k: constrain(v, axes[k]) for k, v in qwen3.init_cache(cfg, b, p + max_new).items()}
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     hidden, cache = qwen3.forward_cached(cfg, params, tokens_bp, positions, cache)
     last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
