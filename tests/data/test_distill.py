@@ -192,3 +192,23 @@ def test_distill_end_to_end_kill_resume_and_sft_load(sglang_server, tiny_hf_dir,
         assert (stats.rows, stats.used, stats.skipped_malformed) == (len(rows), len(rows), 0)
         batch = next(iter(ds))
         assert batch["tokens"].shape == (2, 256) and batch["loss_mask"].sum() > 0
+
+
+def test_unreachable_teacher_fails_problems_without_writing_them(tmp_path):
+    """Every request fails (connection refused, after its retry): nothing is written, the summary names the
+    failures, the command exits 1, and a later run would redo those problems."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"problem": p}) + "\n" for p in PROBLEMS[:2]))
+    out = tmp_path / "out"
+    args = ["configs/datagen/tiny.yaml", f"problems.path={problems}", f"distill.out_dir={out}",
+            f"teacher.base_url=http://127.0.0.1:{port}/v1", "teacher.retries=1", "teacher.backoff=[0.01]",
+            "distill.grade=false", "distill.progress=false"]
+    assert D.cli(args, "distill", D.__doc__, D.run_distill) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["finished"], summary["failed"], summary["exported_rows"]) == (0, 2, 0)
+    assert all(f"127.0.0.1:{port}" in e for e in summary["failed_errors"].values())
+    assert (out / D.JOURNAL).read_text() == "" and (out / f"{D.EXPORT}.jsonl").read_text() == ""
