@@ -6,8 +6,8 @@ call per turn and role), on the same tiny model, problems and seeds.
 
 Both sides run rc/cycle.py's `rc_turn` over the same RC state: `rc_loop_jit` on the native engine's jitted decode
 loop, and `rc_loop_host` over a Rollout backend: the in-process `NativeRollout` (always) and, with --serve, the
-same checkpoint behind `python -m qednano_jax.serve` over HTTP. Sampling is seeded (T 0.8 / 0.7), so every side
-generates the same tokens (checked). tokens/s counts reasoning + summarizer tokens; warm-up (compilation) runs are
+same checkpoint behind `python -m qednano_jax.serve` over HTTP. Decoding is greedy, so every side generates the
+same tokens (checked: "same states"). tokens/s counts reasoning + summarizer tokens; warm-up (compilation) runs are
 excluded; the figure is the median of interleaved repeats. Target (issue 6): jitted >= 1.5x the host loop.
 """
 
@@ -85,8 +85,10 @@ def main() -> None:
     pb, pl = cycle.tokenize_texts(tok, _problems(args.problems))
     s0 = rcs.init_state(np.arange(args.problems), [], turns=args.turns, summary_width=args.summary,
                         reasoning_width=args.reasoning)
-    psp = SamplingParams(max_new_tokens=args.reasoning, temperature=0.8, seed=11)
-    ssp = SamplingParams(max_new_tokens=args.summary, temperature=0.7, top_p=0.8, top_k=20, seed=12)
+    # greedy: the HTTP server draws its own per-request random streams, so only greedy decoding gives every side
+    # the same tokens (the in-process sides also agree when sampled: tests/rc/test_train.py)
+    psp = SamplingParams(max_new_tokens=args.reasoning, temperature=0.0, seed=11)
+    ssp = SamplingParams(max_new_tokens=args.summary, temperature=0.0, seed=12)
 
     sides = {
         "jitted": lambda: jax.block_until_ready(
