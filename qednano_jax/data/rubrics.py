@@ -145,7 +145,11 @@ def make_policy(cfg: DataGenConfig):
     shim = types.SimpleNamespace(eval=types.SimpleNamespace(checkpoint=r.policy or "random", tokenizer=r.tokenizer,
                                                             seed=r.seed),
                                  rollout=cfg.rollout, mesh=cfg.mesh, model=cfg.model)
-    model_cfg, placed, tokenizer = load_policy(shim)
+    try:
+        model_cfg, placed, tokenizer = load_policy(shim)
+    except ConfigError as e:  # the eval loader names its own fields
+        raise ConfigError(str(e).replace("eval.checkpoint", "rubrics.policy").replace("eval.tokenizer",
+                                                                                       "rubrics.tokenizer")) from None
     params, mesh, rules = placed if placed else (None, None, None)
     return make_rollout(cfg.rollout, model_cfg, params, tokenizer, mesh=mesh, rules=rules), tokenizer
 

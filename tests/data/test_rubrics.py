@@ -216,3 +216,29 @@ def test_estimate_grades_each_rollout_against_its_scheme():
     assert n == 3 and (sp.max_new_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (5, 0.7, 0.9, 20, 11)
     from qednano_jax.data.tokenizer import prompt_ids
     assert prompts[0] == prompt_ids(load_tokenizer("qwen3"), rcfg.prompt_template.format(problem="P one"))
+
+
+def test_native_policy_rollouts(tiny_hf_dir):
+    """rollout.backend native: the policy checkpoint (rubrics.policy) runs in-process; k completions per problem of
+    at most rubrics.max_tokens tokens, each graded (here by a grader that always answers 4)."""
+    from qednano_jax.config import GraderConfig, load_datagen_config
+    from qednano_jax.reward import grader as G
+
+    class Four(G.Grader):
+        def _reply(self, prompt):
+            return "<score>4</score>", "", 1
+
+    cfg = load_datagen_config("configs/datagen/tiny.yaml", ["rollout.backend=native", f"rubrics.policy={tiny_hf_dir}",
+                                                            f"rubrics.tokenizer={tiny_hf_dir}", "rubrics.k=2",
+                                                            "rubrics.max_tokens=6"])
+    with pytest.raises(R.ConfigError, match="rubrics.policy"):
+        R.make_policy(load_datagen_config("configs/datagen/tiny.yaml", ["rollout.backend=native"]))
+    rollout, tok = R.make_policy(cfg)
+    items = [({"problem": "Prove that n^2 + n is even."}, "scheme"), ({"problem": "Show 3 | n^3 - n."}, "scheme")]
+    out = R.estimate(rollout, tok, Four(GraderConfig()), cfg.rubrics, items, seed=3)
+    for o in out:
+        assert o["num_rewards"] == 2 and 2 <= o["completion_tokens"] <= 12
+        closed = 2 - o["no_proof"]
+        assert sorted(o["scores"]) == [0] * o["no_proof"] + [4] * closed
+    again = R.estimate(rollout, tok, Four(GraderConfig()), cfg.rubrics, items, seed=3)
+    assert again == out  # seeded sampling
