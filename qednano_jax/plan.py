@@ -37,7 +37,6 @@ before importing jax, or re-runs itself in a subprocess when jax is already init
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -207,13 +206,14 @@ def analyze_hlo(text: str, num_devices: int) -> dict:
                 if lhs and out and m:
                     contract = math.prod(lhs[0][1][int(d)] for d in m.group(1).split(",") if d)
                     flops += times * 2.0 * math.prod(out[0][1]) * contract
+            operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in ins["operands"])
             if comp not in fused and op not in _NO_TRAFFIC and not op.endswith("-done"):
-                hbm += times * (shape_bytes(ins["shape"]) + sum(shape_bytes(shapes.get(o, "")) for o in ins["operands"]))
+                hbm += times * (shape_bytes(ins["shape"]) + operand_bytes)
             base = op[:-6] if op.endswith("-start") else op
             if base in COLLECTIVES:
-                size = max(shape_bytes(ins["shape"]), sum(shape_bytes(shapes.get(o, "")) for o in ins["operands"]))
+                size = max(shape_bytes(ins["shape"]), operand_bytes)
                 if op.endswith("-start"):  # async start ops return (operands, results): count the results only
-                    size = shape_bytes(ins["shape"]) - sum(shape_bytes(shapes.get(o, "")) for o in ins["operands"])
+                    size = shape_bytes(ins["shape"]) - operand_bytes
                 n = _group_size(ins["attrs"], num_devices)
                 factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(base, (n - 1) / n)
                 c = coll[base]
@@ -421,8 +421,8 @@ def format_table(report: dict) -> str:
                       "/".join(_num(e[k] * 1e3) for k in ("compute_s", "hbm_s", "ici_s")),
                       f"{e['mfu']:.1%} ({e['mfu_without_hbm']:.0%})", f"{r['compile_s']:.0f}"])
     widths = [max(len(l[i]) for l in lines if len(l) > i and len(l) == len(head)) for i in range(len(head))]
-    out = [f"TPU {tpu['name']}: {tpu['device_hbm_bytes'] / 2**30:.1f} GiB HBM, {tpu['device_peak_flops_per_s'] / 1e12:.0f} "
-           f"TFLOP/s per device; micro-batch {report['rows_per_device']} row(s) x {report['seq_len']} tokens per "
+    out = [f"TPU {tpu['name']}: {tpu['device_hbm_bytes'] / 2**30:.1f} GiB HBM, "
+           f"{tpu['device_peak_flops_per_s'] / 1e12:.0f} TFLOP/s per device; micro-batch {report['rows_per_device']} row(s) x {report['seq_len']} tokens per "
            f"data-parallel shard; {report['model']['params']:,} params; bytes in {uname} per device"]
     for l in lines:
         out.append(("  ".join(c.ljust(w) for c, w in zip(l, widths)) if len(l) == len(head)

@@ -1,19 +1,15 @@
 """The sharding planner (qednano_jax/plan.py) against the analytic byte count and against real arrays on the
 8-device test mesh."""
 
-import dataclasses
 import json
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qednano_jax import plan as plan_lib
 from qednano_jax import sharding
 from qednano_jax.config import load_config
-from qednano_jax.model import qwen3
 from qednano_jax.train import optim, step as step_lib
 
 FOUR_B = "model=model/qwen3-4b-thinking-2507.yaml"
@@ -26,9 +22,9 @@ def _device0_bytes(tree) -> int:
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", pytest.param("dp", marks=pytest.mark.slow)])
-def test_tiny_plan_matches_real_state_and_step(strategy):
-    """Planner bytes == the per-device bytes of a real TrainState on the mesh, and its compiled memory analysis ==
-    that of the step compiled on the real arrays."""
+def test_tiny_plan_matches_real_state(strategy):
+    """Planner bytes == the per-device bytes of a real TrainState and batch on the 8-device mesh: params and
+    optimizer state leaf by leaf, and XLA's argument bytes == everything the step is called with."""
     cfg = load_config(None, ["plan.seq_len=32"])
     row = plan_lib.plan_one(cfg, strategy, 8, plan_lib.load_tpu("v5p"))
     assert row["status"] == "ok"
@@ -46,15 +42,11 @@ def test_tiny_plan_matches_real_state_and_step(strategy):
 
     rows = 8  # one row per data-parallel shard (both strategies split the batch 8 ways)
     b_sh = step_lib.batch_shardings(mesh, rules, plan_lib.KEYS, (1, rows, 32))
-    fn = step_lib.make_train_step(cfg.model, step_lib.sft_loss, opt, optim.schedule(cfg.optim, cfg.train.steps),
-                                  mesh=mesh, rules=rules, state_sh=st_sh, batch_sh=b_sh)
     batch = {k: jax.device_put(np.ones((1, rows, 32), np.int32), b_sh[k]) for k in plan_lib.KEYS}
     batch["denominator"] = jax.device_put(np.float32(1.0), b_sh["denominator"])
-    mem = fn.lower(state, batch).compile().memory_analysis()
-    assert row["bytes"]["arguments"] == mem.argument_size_in_bytes
-    assert row["bytes"]["temp"] == mem.temp_size_in_bytes
-    assert row["bytes"]["params"] + row["bytes"]["opt_state"] <= row["bytes"]["arguments"]
+    assert row["bytes"]["arguments"] == _device0_bytes(state) + _device0_bytes(batch)
     assert row["bytes"]["grads"] == row["bytes"]["params"]  # fp32 params: the fp32 accumulator is as large
+    assert row["bytes"]["aliased"] == _device0_bytes(state)  # the donated state is updated in place
 
 
 def test_4b_fsdp_8_devices_agrees_with_analytic_count():
