@@ -93,24 +93,24 @@ def check_meta(out_dir: Path, ecfg: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------- generation
 
-def single_turn(policy: Any, tokenizer: Any, prompts: list[str], sampling: Any) -> list[testtime.RCResult]:
-    """One completion per prompt, in the same shape as an RC result with a single turn."""
+def single_turn(policy: Any, tokenizer: Any, texts: list[str], sampling: Any) -> list[testtime.RCResult]:
+    """One completion per user message, in the same shape as an RC result with a single turn."""
     from qednano_jax.data.tokenizer import prompt_ids
 
-    outs = policy.generate([prompt_ids(tokenizer, p) for p in prompts], sampling, n=1)
+    outs = policy.generate([prompt_ids(tokenizer, p) for p in texts], sampling, n=1)
     return [testtime.RCResult(turns=[testtime.Turn(prompt=p, text=testtime.decode(tokenizer, o[0].token_ids),
                                                    tokens=len(o[0].token_ids), finish_reason=o[0].finish_reason)])
-            for p, o in zip(prompts, outs)]
+            for p, o in zip(texts, outs)]
 
 
-def generate(ecfg: Any, policy: Any, tokenizer: Any, prompts: list[str], sampling: Any, summary_sampling: Any,
+def generate(ecfg: Any, policy: Any, tokenizer: Any, texts: list[str], sampling: Any, summary_sampling: Any,
              summarizer: tuple[Any, Any] | None = None) -> list[testtime.RCResult]:
     """The scaffold: one turn, or test-time RC with `summarizer` = (rollout, tokenizer) (None = the policy)."""
     if ecfg.scaffold == "rc":
         other, other_tok = summarizer or (None, None)
-        return testtime.run_rc(policy, tokenizer, prompts, sampling, iterations=ecfg.rc_iterations,
+        return testtime.run_rc(policy, tokenizer, texts, sampling, iterations=ecfg.rc_iterations,
                                summary_sampling=summary_sampling, summarizer=other, summarizer_tokenizer=other_tok)
-    return single_turn(policy, tokenizer, prompts, sampling)
+    return single_turn(policy, tokenizer, texts, sampling)
 
 
 # ----------------------------------------------------------------------------------------------- grading
