@@ -340,8 +340,8 @@ class PlanConfig:
                                         help="rule sets of sharding.RULE_SETS to plan; `config` = this config's own "
                                         "mesh section (skipped when it equals a named one)")
     seq_len: int = field(0, "tokens per row of the planned micro-batch (0 = data.seq_len)", ge=0)
-    rows_per_device: int = field(1, "rows of one micro-batch per data-parallel shard (the planned step runs one "
-                                 "micro-batch: the accumulator and memory do not depend on train.micro_batches)", ge=1)
+    rows_per_device: int = field(1, "rows of each micro-batch per data-parallel shard (the planned step runs "
+                                 "train.micro_batches of them, as training does)", ge=1)
     fallback: bool = field(False, "plan strategies whose rules do not divide a dimension anyway, with that axis "
                            "replicated (sharding.py's fallback); default: report them as not buildable")
     json: str = field("", "also write the results as JSON to this path ('' = no file)")

@@ -5,13 +5,14 @@ Answers "does this config fit, and how fast would it run?" before paying for a p
 each device count (plan.devices) and strategy (plan.strategies: the rule sets dp, fsdp, tp, fsdp_tp of sharding.py
 and the config's own mesh section) it compiles the REAL train step (train/step.py make_train_step around sft_loss,
 with the config's optimizer and remat policy) ahead of time on fake CPU devices from abstract shapes
-(ShapeDtypeStructs carrying their shardings: no weights are allocated), for one micro-batch of
+(ShapeDtypeStructs carrying their shardings: no weights are allocated), for train.micro_batches micro-batches of
 plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and reports per device:
 
-  bytes      params, optimizer state (from the compiled step's input shardings), the fp32 gradient accumulator
-             (sharded like the params; part of temp), and XLA's memory_analysis(): arguments, outputs, donated
-             aliases and temporaries. peak = arguments + outputs - aliases + temporaries; fits = peak <= the TPU
-             generation's HBM per device (configs/tpu.yaml).
+  bytes      params, optimizer state (from the compiled step's input shardings), the fp32 gradients (sharded
+             like the params; part of temp; with train.micro_batches > 1 the accumulator is another such buffer),
+             and XLA's memory_analysis(): arguments, outputs, donated aliases and temporaries.
+             peak = arguments + outputs - aliases + temporaries; fits = peak <= the TPU generation's HBM per
+             device (configs/tpu.yaml).
   flops      matmul FLOPs counted from the compiled HLO's dot instructions, each computation weighted by how often it
              runs (while loops by their known trip counts: the layer scan). XLA's cost_analysis() counts a loop body
              once, so its figure (reported as xla_cost_flops) undercounts a scanned model by about num_layers.
@@ -295,14 +296,15 @@ def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
     rows = cfg.plan.rows_per_device * dp
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     st_sh = step_lib.state_shardings(model_cfg, optimizer, mesh, rules)
-    b_sh = step_lib.batch_shardings(mesh, rules, KEYS, (1, rows, seq_len))
+    micro = cfg.train.micro_batches  # the step scans over them: memory per micro-batch, FLOPs x micro
+    b_sh = step_lib.batch_shardings(mesh, rules, KEYS, (micro, rows, seq_len))
     fn = step_lib.make_train_step(model_cfg, step_lib.sft_loss, optimizer, optim.schedule(cfg.optim, cfg.train.steps),
                                   mesh=mesh, rules=rules, state_sh=st_sh, batch_sh=b_sh)
     params = qwen3.abstract_params(model_cfg)
     state = jax.eval_shape(lambda: step_lib.TrainState(params=params, opt_state=optimizer.init(params),
                                                        step=jnp.zeros((), jnp.int32), rng=jnp.zeros((2,), jnp.uint32)))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, st_sh)
-    batch = {k: jax.ShapeDtypeStruct((1, rows, seq_len), jnp.int32, sharding=b_sh[k]) for k in KEYS}
+    batch = {k: jax.ShapeDtypeStruct((micro, rows, seq_len), jnp.int32, sharding=b_sh[k]) for k in KEYS}
     batch["denominator"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=b_sh["denominator"])
 
     t0 = time.perf_counter()
@@ -335,7 +337,7 @@ def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
     hlo = analyze_hlo(compiled.as_text(), n_devices)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    tokens = rows * seq_len
+    tokens = micro * rows * seq_len
     model_flops = metrics.train_flops_per_token(model_cfg, seq_len) * tokens / n_devices
     row["flops"] = {"hlo_matmul": hlo["matmul_flops"], "model": model_flops,
                     "xla_cost_flops": float(cost.get("flops", 0.0)), "unknown_trip_counts": hlo["unknown_trip_counts"]}
@@ -378,7 +380,7 @@ def plan(cfg: Config, log=print) -> dict:
             log(f"plan: {s} on {n} devices ...")
             rows.append(plan_one(cfg, s, n, tpu))
     return {"tpu": {k: v for k, v in tpu.items() if k != "aliases"}, "seq_len": cfg.plan.seq_len or cfg.data.seq_len,
-            "rows_per_device": cfg.plan.rows_per_device,
+            "rows_per_device": cfg.plan.rows_per_device, "micro_batches": cfg.train.micro_batches,
             "model": {"params": qwen3.count_params(qwen3.abstract_params(cfg.model)), **to_dict(cfg.model)},
             "results": rows}
 
@@ -422,7 +424,8 @@ def format_table(report: dict) -> str:
                       f"{e['mfu']:.1%} ({e['mfu_without_hbm']:.0%})", f"{r['compile_s']:.0f}"])
     widths = [max(len(l[i]) for l in lines if len(l) > i and len(l) == len(head)) for i in range(len(head))]
     out = [f"TPU {tpu['name']}: {tpu['device_hbm_bytes'] / 2**30:.1f} GiB HBM, "
-           f"{tpu['device_peak_flops_per_s'] / 1e12:.0f} TFLOP/s per device; micro-batch {report['rows_per_device']} row(s) x {report['seq_len']} tokens per "
+           f"{tpu['device_peak_flops_per_s'] / 1e12:.0f} TFLOP/s per device; {report.get('micro_batches', 1)} "
+           f"micro-batch(es) of {report['rows_per_device']} row(s) x {report['seq_len']} tokens per "
            f"data-parallel shard; {report['model']['params']:,} params; bytes in {uname} per device"]
     for l in lines:
         out.append(("  ".join(c.ljust(w) for c, w in zip(l, widths)) if len(l) == len(head)
