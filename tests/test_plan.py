@@ -169,3 +169,14 @@ def test_4b_planner_8_32_64_devices(tmp_path):
         else:  # 8 KV heads over 32 or 64 tensor shards
             assert r["strategy"] in ("tp", "fsdp_tp") and r["status"] == "not divisible" and r["devices"] > 8, r
     assert all(r["status"] == "ok" for r in rows if r["strategy"] in ("dp", "fsdp"))
+
+
+@pytest.mark.slow
+def test_micro_batches_scale_flops_and_add_the_accumulator():
+    """train.micro_batches=2: the step scans two micro-batches (2x FLOPs and tokens) and keeps one more fp32
+    gradient-sized buffer (the accumulator) in temporaries."""
+    one, two = (plan_lib.plan_one(load_config(None, ["plan.seq_len=32", f"train.micro_batches={m}"]), "fsdp", 8,
+                                  plan_lib.load_tpu("v5p")) for m in (1, 2))
+    assert two["flops"]["hlo_matmul"] == 2 * one["flops"]["hlo_matmul"]
+    assert two["estimate"]["tokens_per_step"] == 2 * one["estimate"]["tokens_per_step"]
+    assert two["bytes"]["temp"] - one["bytes"]["temp"] >= one["bytes"]["grads"]
