@@ -93,7 +93,7 @@ def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, 
     def make(p):
         return TrainState(params=p, opt_state=optimizer.init(p), step=jnp.zeros((), jnp.int32),
                           rng=jax.random.key_data(jax.random.PRNGKey(seed)))
-    return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    return jax.jit(make, out_shardings=shardings, donate_argnums=(0,))(params)
 
 
 def random_params(model_cfg: ModelConfig, seed: int, shardings) -> Any:
@@ -130,9 +130,13 @@ def make_train_step(model_cfg: ModelConfig, loss_fn: LossFn, optimizer: optax.Gr
                 acc = jax.tree.map(jax.lax.with_sharding_constraint, acc, state_sh.params)
                 return acc, (loss_sum, sums)
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zeros = jax.tree.map(jax.lax.with_sharding_constraint, zeros, state_sh.params)
-            grads, (loss_sums, sums) = jax.lax.scan(body, zeros, micro)
+            if next(iter(micro.values())).shape[0] == 1:  # no accumulation: no fp32 accumulator, no scan
+                grads, loss_sum, sums = grads_of({k: v[0] for k, v in micro.items()})
+                loss_sums, sums = loss_sum[None], {k: v[None] for k, v in sums.items()}
+            else:
+                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+                zeros = jax.tree.map(jax.lax.with_sharding_constraint, zeros, state_sh.params)
+                grads, (loss_sums, sums) = jax.lax.scan(body, zeros, micro)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
