@@ -394,7 +394,7 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     pending: dict[int, dict[str, np.ndarray]] = {i: {} for i in range(n)}
     left = [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
     for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
-        host = _to_host(_get(params, entry.ours).astype(save_dtype))
+        host = _to_host(_get(params, entry.ours)).astype(np_dtype)  # on the host: no compile per leaf
         for layer in range(cfg.num_layers) if entry.per_layer else [None]:
             name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
             i = shard_of[name]
