@@ -168,7 +168,8 @@ def main() -> None:
         servers.append(("SGLang CPU (HTTP)", env_cmd + [f"{venv}/bin/python", "-m", "sglang.launch_server",
                                                         "--model-path", str(model_dir), "--device", "cpu",
                                                         "--host", "127.0.0.1", "--port", str(args.port + 1),
-                                                        "--max-total-tokens", "16384", "--dtype", "float32"]))
+                                                        "--max-total-tokens", "16384", "--dtype", "float32",
+                                                        "--sleep-on-idle"]))
     else:
         print("  SGLang CPU: skipped (QEDNANO_SGLANG_VENV unset)")
     refits = {}

@@ -86,9 +86,10 @@ def _launch_sglang(srv: ServerProcess) -> int:
     root = Path(__file__).resolve().parent.parent
     here = Path(os.environ.get("QEDNANO_SGLANG_CPU") or root.parent / "shared" / "sglang-cpu")
     env = {**os.environ, "SGLANG_LOG": str(srv.model_dir.parent / f"sglang-{srv.port}.log")}
-    # --dtype float32: SGLang's "auto" would serve an fp32 checkpoint in fp16; the parity tests want fp32
+    # --dtype float32: SGLang's "auto" would serve an fp32 checkpoint in fp16; the parity tests want fp32.
+    # --sleep-on-idle: the scheduler otherwise busy-polls a whole core for the session, starving the other tests.
     r = subprocess.run([str(here / "serve.sh"), os.environ["QEDNANO_SGLANG_VENV"], str(srv.model_dir),
-                        str(srv.port), "--dtype", "float32"], capture_output=True, text=True, env=env, timeout=400)
+                        str(srv.port), "--dtype", "float32", "--sleep-on-idle"], capture_output=True, text=True, env=env, timeout=400)
     if r.returncode:
         raise RuntimeError(f"sglang serve.sh failed (rc {r.returncode}): {r.stderr[-2000:]}")
     return int(r.stdout.strip().splitlines()[-1])

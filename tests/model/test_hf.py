@@ -299,10 +299,10 @@ def test_sglang_serves_our_export(tmp_path):
     cfg = ModelConfig(vocab_size=512, initializer_range=0.2, bos_token_id=0, eos_token_id=2, param_dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     out = hf.save_hf(cfg, params, tmp_path / "model", tokenizer_dir=tok_dir)
-    serve = Path(__file__).resolve().parents[2].parent / "shared/sglang-cpu/serve.sh"
-    serve = Path(os.environ.get("QEDNANO_SGLANG_SERVE", serve))
+    serve = Path(os.environ.get("QEDNANO_SGLANG_CPU") or Path(__file__).resolve().parents[2].parent
+                 / "shared/sglang-cpu") / "serve.sh"
     port = _free_port()
-    pid = int(subprocess.run([str(serve), venv, str(out), str(port)], check=True, capture_output=True,
+    pid = int(subprocess.run([str(serve), venv, str(out), str(port), "--sleep-on-idle"], check=True, capture_output=True,
                              text=True).stdout.split()[-1])
     try:
         prompt = prompt_ids(AutoTokenizer.from_pretrained(str(out)), "prove that x is real")
