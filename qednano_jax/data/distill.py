@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from qednano_jax.config import DataGenConfig, describe, load_datagen_config, to_dict
 from qednano_jax.data.sft import DataError, load_rows
+from qednano_jax.journal import cut_torn_line
 
 JOURNAL = "distill.jsonl"
 EXPORT = "fineproofs_sft"
@@ -82,12 +83,7 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[int, dict] = {}
         if self.path.exists():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-                    f.flush()
-                    os.fsync(f.fileno())
+            cut_torn_line(self.path)
             by_id = {p["problem_id"]: p["problem"] for p in problems}
             for n, line in enumerate(self.path.read_text().splitlines(), 1):
                 rec = json.loads(line)

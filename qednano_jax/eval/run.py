@@ -25,6 +25,7 @@ from typing import Any, Callable
 from qednano_jax.config import ConfigError, to_dict
 from qednano_jax.eval import benchmarks, prompts, report
 from qednano_jax.eval.benchmarks import Format, Problem
+from qednano_jax.journal import cut_torn_line
 from qednano_jax.rc import testtime
 
 RESULTS = "results.jsonl"
@@ -45,22 +46,11 @@ class ResultsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
+        cut_torn_line(self.path)
         self.keys = {item_key(r["problem_id"], int(r["run"])) for r in report.read_results(self.path)} \
             if self.path.exists() else set()
         self._lock = threading.Lock()
         self._f = open(self.path, "ab")
-
-    def _repair(self) -> None:
-        """Cut a torn last line (no trailing newline: the process died mid-write) so appends stay valid JSONL."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-                f.flush()
-                os.fsync(f.fileno())
 
     def append(self, record: dict) -> None:
         key = item_key(record["problem_id"], int(record["run"]))
