@@ -135,9 +135,11 @@ def test_resume_with_lag_continues_exactly(tmp_path, tiny_hf_dir):
 
 class _Always500(http.server.BaseHTTPRequestHandler):
     calls = 0
+    lock = threading.Lock()  # the threaded server runs handlers concurrently: count without lost updates
 
     def do_POST(self):
-        type(self).calls += 1
+        with type(self).lock:
+            type(self).calls += 1
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(500)
         self.end_headers()
