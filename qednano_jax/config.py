@@ -180,8 +180,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
     """YAML file (or the embedded defaults when None) + `key=value` overrides -> validated Config."""
-    data = load_yaml(path) if path else {}
-    return from_dict(Config, apply_overrides(data, list(overrides)))
+    return load_as(Config, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------- sections: rollout
@@ -402,8 +401,7 @@ class EvalRunConfig:
 
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalRunConfig:
     """configs/eval/*.yaml (or the embedded tiny defaults when None) + `key=value` overrides -> EvalRunConfig."""
-    data = load_yaml(path) if path else {}
-    return from_dict(EvalRunConfig, apply_overrides(data, list(overrides)))
+    return load_as(EvalRunConfig, path, overrides)
 
 
 # ------------------------------------------------------------------------------------------ sections: data generation
@@ -528,8 +526,7 @@ class DataGenConfig:
 
 def load_datagen_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DataGenConfig:
     """configs/datagen/*.yaml (or the embedded defaults when None) + `key=value` overrides -> DataGenConfig."""
-    data = load_yaml(path) if path else {}
-    return from_dict(DataGenConfig, apply_overrides(data, list(overrides)))
+    return load_as(DataGenConfig, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------- machinery
@@ -675,6 +672,12 @@ def load_yaml(path: str | Path) -> dict:
         if isinstance(v, str) and v.endswith((".yaml", ".yml")):
             raw[k] = load_yaml(_resolve(v, path.parent))
     return _merge(merged, raw)
+
+
+def load_as(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """YAML file (or the embedded defaults of `cls` when None) + `key=value` overrides -> validated `cls`."""
+    data = load_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
