@@ -242,10 +242,10 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
 
     grader = None
     if reward_fn is None:
-        reward_fn, grader = loop._make_reward_fn(cfg, model_cfg, tokenizer, log)
+        reward_fn, grader = loop.make_reward_fn(cfg, model_cfg, tokenizer, log)
         if "grader_stats" in extra:
             grader.stats = GraderStats(**extra["grader_stats"])
-    placed = loop._detached(trainer.state.params) if cfg.rollout.backend == "native" else None
+    placed = loop.detached(trainer.state.params) if cfg.rollout.backend == "native" else None
     rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=trainer.mesh, rules=trainer.rules,
                            version=str(start))
     if cfg.rollout.backend != "native":

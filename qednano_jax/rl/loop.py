@@ -228,7 +228,7 @@ def rl_loss_fn(loss_cfg, temperature: float) -> step_lib.LossFn:
     return loss_fn
 
 
-def _detached(params):
+def detached(params):
     """A copy of the params in new buffers: the train step donates its state, the native engine keeps its own."""
     return jax.tree.map(lambda x: x.copy(), params)
 
@@ -307,7 +307,7 @@ class RLTrainer:
 
     def refit(self, rollout) -> float:
         """Push the current params to the rollout backend as weight version `self.version`; returns seconds."""
-        params = _detached(self.state.params) if self.cfg.rollout.backend == "native" else self.state.params
+        params = detached(self.state.params) if self.cfg.rollout.backend == "native" else self.state.params
         return rollout.refit(params, str(self.version)).total_s
 
     def save(self, data_state: Any, extra: dict, force: bool = False) -> bool:
@@ -413,7 +413,7 @@ def format_rl_metrics(step: int, m: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- the run
 
-def _make_reward_fn(cfg: Config, model_cfg: ModelConfig, tokenizer, log) -> tuple[RewardFn, Grader]:
+def make_reward_fn(cfg: Config, model_cfg: ModelConfig, tokenizer, log) -> tuple[RewardFn, Grader]:
     from qednano_jax.reward.grader import make_grader
     kwargs = {}
     if cfg.grader.backend == "native" and cfg.grader.judge_path == "random":
@@ -465,10 +465,10 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
 
     grader = None
     if reward_fn is None:
-        reward_fn, grader = _make_reward_fn(cfg, model_cfg, tokenizer, log)
+        reward_fn, grader = make_reward_fn(cfg, model_cfg, tokenizer, log)
         if "grader_stats" in extra:
             grader.stats = GraderStats(**extra["grader_stats"])
-    placed = _detached(trainer.state.params) if cfg.rollout.backend == "native" else None
+    placed = detached(trainer.state.params) if cfg.rollout.backend == "native" else None
     rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=trainer.mesh, rules=trainer.rules,
                            version=str(start))
     if cfg.rollout.backend != "native":  # the servers hold weights of unknown age: push ours first
