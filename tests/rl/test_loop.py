@@ -149,8 +149,12 @@ class _Always500(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _DeepBacklogServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 can reset some of 16 concurrent connects before any handler runs
+
+
 def test_grader_faults_never_stop_the_run(tmp_path, tiny_hf_dir):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
+    srv = _DeepBacklogServer(("127.0.0.1", 0), _Always500)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         cfg = toy_config(tmp_path, tiny_hf_dir, "faults", "train.steps=2", "checkpoint.every=100",
