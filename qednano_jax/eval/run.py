@@ -296,7 +296,8 @@ def load_policy(cfg: Any) -> tuple[Any, Any, Any]:
         from qednano_jax.model.hf import load_hf
         arch, params = load_hf(ckpt, dtype=cfg.model.param_dtype, mesh=mesh, rules=rules)
         model_cfg = dataclasses.replace(arch, dtype=cfg.model.dtype, logprob_chunk=cfg.model.logprob_chunk,
-                                        attention_chunk=cfg.model.attention_chunk)
+                                        attention_chunk=cfg.model.attention_chunk,
+                                        attention_impl=cfg.model.attention_impl)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"eval.tokenizer: {tok_name!r} has {len(tokenizer)} tokens but the model's vocabulary has "
                           f"{model_cfg.vocab_size} rows")

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from qednano_jax.config import ModelConfig
+from qednano_jax.model import attention
 from qednano_jax.sharding import constrain
 
 Params = dict[str, Any]
-
-_NEG = -1e30  # finite "minus infinity": a fully masked (padding) row stays finite
 
 REMAT_POLICIES = {
     "none": None,
@@ -126,41 +125,9 @@ def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_bthe.dtype)
 
 
-def _attend(q_bthe, k_bske, v_bske, mask_bts):
-    """Grouped-query softmax attention; scores and softmax in fp32.
-
-    The g query heads that share a KV head are laid out next to the query rows ([b, k, g, t, e]), so each KV head's
-    scores are one plain [g*t, s] matmul and the big [b, k, g, t, s] tensors need no transposed copies.
-    """
-    b, t, h, e = q_bthe.shape
-    kh = k_bske.shape[2]
-    q = q_bthe.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgte,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32) * (e ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out = jnp.einsum("bkgts,bske->bkgte", probs, v_bske)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
-
-
-def _attention(q, k, v, mask_fn, chunk: int, causal: bool = False):
-    """Attention with the mask built per query block, so that at most [b, heads, chunk, s] scores exist.
-
-    `causal` (the full forward, where query i never sees key j > i): query block [i, i + chunk) attends only keys
-    [0, i + chunk), skipping the masked upper triangle, about half the score work on long rows. The blocks have
-    different key lengths, so they are unrolled (t / chunk of them per layer, compiled once under the layer scan).
-    """
-    t = q.shape[1]
-    if chunk <= 0 or chunk >= t or t % chunk:
-        return _attend(q, k, v, mask_fn(0, t))
-    out = []
-    for start in range(0, t, chunk):
-        end = start + chunk if causal else k.shape[1]
-        out.append(_attend(q[:, start:start + chunk], k[:, :end], v[:, :end], mask_fn(start, chunk)[:, :, :end]))
-    return jnp.concatenate(out, axis=1)
-
-
-def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, mask_fn, kv_write=None):
-    """One decoder layer. `kv_write(k, v) -> (keys, values)` stores new k/v in a cache and returns what to attend."""
+def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_write=None):
+    """One decoder layer; `limit_bt`, `seg` as in model.attention. `kv_write(k, v) -> (keys, values)` stores new k/v in
+    a cache and returns what to attend (then the whole cache, in one block)."""
     dt = jnp.dtype(cfg.dtype)
     w = lambda name: lp[name].astype(dt)
     h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
@@ -173,7 +140,10 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, mask_fn, kv_write=
     k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     if kv_write is not None:
         k, v = kv_write(k, v)
-    a = _attention(q, k, v, mask_fn, cfg.attention_chunk if kv_write is None else 0, causal=kv_write is None)
+    if kv_write is None:
+        a = attention.attention(q, k, v, limit_bt, seg, cfg.attention_chunk, cfg.attention_impl)
+    else:  # decode / prefill against the whole cache: one block
+        a = attention.attend(q, k, v, attention.mask(k.shape[1], limit_bt, seg))
     o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
     x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -221,18 +191,11 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positi
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    idx = jnp.arange(t)
-
-    def mask_fn(start, size):
-        qi = start + jnp.arange(size)
-        causal = (idx[None, :] <= qi[:, None])[None]  # [1, size, t]
-        if segment_ids is None:
-            return jnp.broadcast_to(causal, (b, size, t))
-        seg_q = jax.lax.dynamic_slice_in_dim(segment_ids, start, size, axis=1)
-        return causal & (seg_q[:, :, None] == segment_ids[:, None, :])
+    limit = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # causal: a token sees itself and before
+    seg = None if segment_ids is None else (segment_ids, segment_ids)
 
     def body(x, lp):
-        return _layer(cfg, lp, x, positions, mask_fn), None
+        return _layer(cfg, lp, x, positions, limit, seg), None
 
     x, _ = jax.lax.scan(_maybe_remat(cfg, body), _embed(cfg, params, tokens), params["layers"])
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
@@ -301,10 +264,6 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, position
     which the decode steps overwrite before any query can see them.
     """
     b, t = tokens.shape
-    slots = jnp.arange(cache["k"].shape[2])
-
-    def mask_fn(start, size):
-        return slots[None, None, :] <= positions[:, :, None]
 
     def write(c, new):
         return jax.vmap(lambda c_r, n_r, p: jax.lax.dynamic_update_slice(c_r, n_r, (p, 0, 0)))(
@@ -318,7 +277,7 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, position
             stored["k"], stored["v"] = write(ck, k), write(cv, v)
             return stored["k"], stored["v"]
 
-        x = _layer(cfg, lp, x, positions, mask_fn, kv_write)
+        x = _layer(cfg, lp, x, positions, positions, None, kv_write)
         return x, (stored["k"], stored["v"])
 
     x, (k, v) = jax.lax.scan(body, _embed(cfg, params, tokens), (params["layers"], cache["k"], cache["v"]))
