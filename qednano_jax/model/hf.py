@@ -4,6 +4,10 @@ In: a local HF directory (config.json + model.safetensors, or shards listed in m
 straight onto the target sharding, one parameter at a time, each device reading only its own slice of the files.
 Out: config.json, safetensors shard(s) (+ index), generation_config.json and the tokenizer files, which transformers'
 `from_pretrained` and SGLang load as they are.
+Either side may be a URL (gs://bucket/run/hf, see `qednano_jax.paths`): a remote checkpoint is copied into a local
+temporary directory to load (safetensors reads local files), and each shard of a remote export is written to a local
+temporary file and streamed up, so neither needs more memory than the local case (disk: one shard, or the whole
+checkpoint to load).
 
 `MAPPING` is the single table between HF tensor names and our param paths; loading and saving both walk it, so a
 layout fix in one place fixes both directions. Safetensors only: no pickle, no remote code.
@@ -15,10 +19,11 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy views use)
@@ -27,6 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from qednano_jax import paths
 from qednano_jax.config import ModelConfig, from_dict
 from qednano_jax.model import qwen3
 from qednano_jax.sharding import Rules, tree_shardings
@@ -232,6 +238,9 @@ def _read_json(path: Path) -> dict:
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A local checkpoint directory as is, or a hub id (e.g. `Qwen/Qwen3-4B-Thinking-2507`) fetched into the HF cache:
     config, safetensors and tokenizer files only (never pickled weights or remote code)."""
+    if paths.is_url(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: a URL is not a local checkpoint directory; load_hf copies it down "
+                                "(or copy it to local disk first)")
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -289,16 +298,40 @@ def _check_tensors(cfg: ModelConfig, files: dict[str, Path], listing: Path, hand
                              f"config.json says tie_word_embeddings=true")
 
 
+@contextlib.contextmanager
+def local_checkpoint(name_or_path: str | Path) -> Iterator[Path]:
+    """`resolve_checkpoint`, except that a URL is copied (config.json, index, safetensors) into a temporary local
+    directory that lives until the context exits."""
+    if not paths.is_url(name_or_path):
+        yield resolve_checkpoint(name_or_path)
+        return
+    src = paths.resolve(name_or_path)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src}: no config.json (not an HF checkpoint directory)")
+    with tempfile.TemporaryDirectory(prefix="qednano-hf-") as tmp:
+        local = Path(tmp) / src.name
+        local.mkdir()
+        for f in [src / "config.json", src / INDEX_FILE, *src.glob("model*.safetensors")]:
+            if f.exists():
+                paths.copy(f, local / f.name)
+        yield local
+
+
 def load_hf(path: str | Path, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
             rules: Rules | None = None) -> tuple[ModelConfig, qwen3.Params]:
-    """Load an HF Qwen3 checkpoint (a directory, or a hub id: see `resolve_checkpoint`) -> (ModelConfig, params).
+    """Load an HF Qwen3 checkpoint (a directory, a hub id or a URL: see `local_checkpoint`) -> (ModelConfig, params).
 
     `dtype` sets `param_dtype` (default: the checkpoint's). With `mesh`, each leaf is placed by `qwen3.param_axes`
     and `rules` (no rules: replicated); each device reads only its slice from the files, so host memory stays at
     about one tensor. Without `mesh` the params go to the first local device. Further non-shape fields (remat,
     chunks) are set with `dataclasses.replace` on the returned config.
     """
-    path = resolve_checkpoint(path)
+    with local_checkpoint(path) as local:
+        return _load_hf(local, dtype, mesh, rules)
+
+
+def _load_hf(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None,
+             rules: Rules | None) -> tuple[ModelConfig, qwen3.Params]:
     overrides = {"param_dtype": dtype} if dtype else {}
     cfg = model_config_from_hf(_read_json(path / "config.json"), **overrides)
     files, listing = _tensor_files(path)
@@ -361,8 +394,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, tokenizer_dir: str | Path | None = None,
-            dtype: str | None = None, max_shard_bytes: int = 5_000_000_000) -> Path:
-    """Write an HF checkpoint directory of `params` into `path` (created if needed).
+            dtype: str | None = None, max_shard_bytes: int = 5_000_000_000) -> Path | epath.Path:
+    """Write an HF checkpoint directory of `params` into `path` (a local directory or a URL; created if needed).
 
     Weights are saved in `dtype` (default: the params' dtype), split into shards of at most `max_shard_bytes`
     (plus an index) when they do not fit one file. Parameters are gathered to the host one at a time and each shard
@@ -370,7 +403,7 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     files in `path` are removed so that the directory never mixes two checkpoints; writing atomically (temp dir +
     rename) is the caller's job. In multi-host runs every process calls this; process 0 writes.
     """
-    path = Path(path)
+    path = paths.resolve(path) if paths.is_url(path) else Path(path)
     save_dtype = dtype or str(jnp.dtype(_get(params, ("embed",)).dtype))
     cfg = dataclasses.replace(config, param_dtype=save_dtype)
     np_dtype = np.dtype(jnp.dtype(save_dtype))
@@ -402,7 +435,7 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
             left[i] -= 1
             if not left[i]:
                 if writer:
-                    save_file(pending[i], path / names[i], metadata={"format": "pt"})
+                    _save_shard(pending[i], path / names[i])
                 pending[i] = {}
         del host
     if not writer:
@@ -418,5 +451,16 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
         if not copied:
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
         for f in copied:
-            shutil.copyfile(Path(tokenizer_dir) / f, path / f)
+            paths.copy(Path(tokenizer_dir) / f, path / f)
     return path
+
+
+def _save_shard(tensors: dict[str, np.ndarray], dst: Path | epath.Path) -> None:
+    """One safetensors file. safetensors writes local files only: a remote `dst` is written to a local temporary
+    file first and streamed up (serialising to bytes in memory instead would hold the shard twice)."""
+    if not paths.is_url(dst):
+        save_file(tensors, dst, metadata={"format": "pt"})
+        return
+    with tempfile.TemporaryDirectory(prefix="qednano-hf-") as tmp:
+        save_file(tensors, Path(tmp) / dst.name, metadata={"format": "pt"})
+        paths.copy(Path(tmp) / dst.name, dst)

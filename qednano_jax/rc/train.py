@@ -24,13 +24,13 @@ import collections
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import yaml
 
+from qednano_jax import paths
 from qednano_jax.config import Config, ConfigError, to_dict
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
@@ -220,7 +220,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
     from qednano_jax.rollout import make_rollout
 
     tc, rl, rc = cfg.train, cfg.rl, cfg.rc
-    run_dir = Path(tc.run_dir).absolute()
+    run_dir = paths.resolve(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -268,6 +268,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
 
     buffer = extra.get("rc_buffer")
     writer = metrics_lib.MetricsWriter(run_dir)
+    rc_log = paths.AppendFile(run_dir / "rc_states.jsonl")
     bar = None
     if tc.progress:
         from tqdm import tqdm
@@ -300,8 +301,8 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
                 m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
             history[step] = m
             records += recs
-            with open(run_dir / "rc_states.jsonl", "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in recs)
+            rc_log.write("".join(json.dumps(r) + "\n" for r in recs))
+            rc_log.flush()
             if step % tc.log_every == 0 or step == tc.steps:
                 writer.write(step, m)
                 log_fn(loop.format_rl_metrics(step, m))
@@ -319,6 +320,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
             bar.close()
         trainer.close()
         writer.close()
+        rc_log.close()
         for r in {id(rollout): rollout, id(summarizer): summarizer}.values():
             if hasattr(r, "close"):
                 r.close()

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from qednano_jax import sharding
+from qednano_jax import paths, sharding
 from qednano_jax.config import Config, ConfigError, ModelConfig, to_dict
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
@@ -261,7 +260,7 @@ class RLTrainer:
         self.step_fn = step_lib.make_train_step(self.model_cfg, rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
                                                 self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
                                                 state_sh=self.st_sh, batch_sh=self.b_sh)
-        self.ckpt = ckpt_lib.Checkpointer(Path(cfg.train.run_dir).absolute() / "checkpoints",
+        self.ckpt = ckpt_lib.Checkpointer(paths.resolve(cfg.train.run_dir) / "checkpoints",
                                           every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                           async_save=cfg.checkpoint.async_save)
         self.state: step_lib.TrainState | None = None
@@ -438,7 +437,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
     from qednano_jax.rollout import make_rollout
 
     tc, rl = cfg.train, cfg.rl
-    run_dir = Path(tc.run_dir).absolute()
+    run_dir = paths.resolve(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -7,7 +7,8 @@ A checkpoint step holds three items:
 
 orbax writes a step into a temporary directory and renames it only once every item (and every host) is done, so a
 save killed midway leaves a tmp directory that `latest_step` never returns: a resumed run starts from the newest
-complete checkpoint. Saves are async: the device arrays are copied to host before `save` returns, then written in
+complete checkpoint (on gs:// orbax marks a finished step with a commit_success.txt file instead of renaming it).
+Saves are async: the device arrays are copied to host before `save` returns, then written in
 the background while training continues.
 """
 
@@ -21,6 +22,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from qednano_jax import paths
 
 
 # ----------------------------------------------------------------------------------------------- per-host JSON
@@ -58,10 +61,11 @@ class HostJsonRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------------------------------------- manager
 
 class Checkpointer:
-    """`CheckpointManager` over `directory` saving every `every` steps, keeping the newest `keep`."""
+    """`CheckpointManager` over `directory` (local, or a URL such as gs://bucket/run/checkpoints) saving every `every`
+    steps, keeping the newest `keep`."""
 
-    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | Path | epath.Path, *, every: int, keep: int, async_save: bool = True):
+        self.directory = paths.resolve(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True,

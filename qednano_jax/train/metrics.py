@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
+from qednano_jax import paths
 from qednano_jax.config import ModelConfig
 
 
@@ -22,18 +26,26 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 class MetricsWriter:
-    """Appends each step's scalars to run_dir/metrics.jsonl and TensorBoard (run_dir/tb); only on process 0."""
+    """Appends each step's scalars to run_dir/metrics.jsonl and TensorBoard (run_dir/tb); only on process 0.
+
+    With run_dir on a store (gs://...) metrics.jsonl is a `paths.AppendFile`, and the TensorBoard events are written
+    to a local temporary directory whose files are copied to run_dir/tb at most every `paths.SYNC_S` seconds and on
+    close (tensorboardX writes gs:// and s3:// itself but no other scheme; one way serves every URL).
+    """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        run_dir = Path(run_dir)
+        run_dir = paths.resolve(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = paths.AppendFile(run_dir / "metrics.jsonl")
+        self.tb_dir, self.tb_local = run_dir / "tb", None
+        if paths.is_url(run_dir):
+            self.tb_local, self.synced = Path(tempfile.mkdtemp(prefix="qednano-tb-")), time.monotonic()
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.tb = SummaryWriter(str(self.tb_local or self.tb_dir))
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -42,11 +54,23 @@ class MetricsWriter:
         self.jsonl.flush()
         for k, v in scalars.items():
             self.tb.add_scalar(f"train/{k}", v, step)
+        if self.tb_local is not None and time.monotonic() - self.synced >= paths.SYNC_S:
+            self.tb.flush()
+            self._upload_tb()
+
+    def _upload_tb(self) -> None:
+        self.tb_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.tb_local.iterdir()):
+            paths.copy(f, self.tb_dir / f.name)
+        self.synced = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if self.tb_local is not None:
+                self._upload_tb()
+                shutil.rmtree(self.tb_local)
 
 
 def format_metrics(step: int, m: dict) -> str:

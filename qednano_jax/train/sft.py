@@ -2,15 +2,15 @@
 
 Re-running the same command resumes from the newest complete checkpoint in run_dir/checkpoints: train state,
 data-iterator state and counters come back, so the run continues exactly as an uninterrupted one (DESIGN.md
-principle 4).
+principle 4). run_dir may be a URL (gs://bucket/run): checkpoints, logs and the HF export then go to the store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from qednano_jax import sharding
+from qednano_jax import paths, sharding
 from qednano_jax.config import Config, ConfigError, ModelConfig, to_dict
 from qednano_jax.data import sft as sft_data
 from qednano_jax.model import qwen3
@@ -26,7 +26,7 @@ from qednano_jax.train import checkpoint as ckpt_lib
 from qednano_jax.train import metrics as metrics_lib
 from qednano_jax.train import optim, step as step_lib
 
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "logprob_chunk", "attention_chunk")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "logprob_chunk", "attention_chunk", "attention_impl")
 
 
 def mesh_and_rules(cfg: Config):
@@ -42,7 +42,7 @@ def model_config(cfg: Config) -> ModelConfig:
     if cfg.train.init == "random":
         return cfg.model
     from qednano_jax.model.hf import model_config_from_hf
-    path = Path(cfg.train.init) / "config.json"
+    path = paths.resolve(cfg.train.init) / "config.json"
     if not path.is_file():
         raise ConfigError(f"train.init: {cfg.train.init!r} is neither `random` nor an HF checkpoint dir "
                           "(no config.json)")
@@ -63,7 +63,7 @@ def tokenizer_dir(cfg: Config) -> str | None:
     return str(qwen3_tokenizer_dir()) if cfg.data.tokenizer == QWEN3 else cfg.data.tokenizer
 
 
-def export_hf(cfg: Config, model_cfg: ModelConfig, params, path: Path, log: Callable) -> None:
+def export_hf(cfg: Config, model_cfg: ModelConfig, params, path: os.PathLike, log: Callable) -> None:
     from qednano_jax.model.hf import save_hf
     save_hf(model_cfg, params, str(path), tokenizer_dir=tokenizer_dir(cfg))
     log(f"exported HF checkpoint to {path}")
@@ -80,7 +80,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         raise ConfigError(f"train.batch_size: {tc.batch_size} rows do not split over {n_hosts} hosts")
     if tc.batch_size % tc.micro_batches:
         raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
-    run_dir = Path(tc.run_dir).absolute()
+    run_dir = paths.resolve(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -133,7 +133,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     log_fn = bar.write if bar is not None else log
 
     # audit trail: which examples (dataset row indices) each step consumed on this host
-    consumed_log = open(run_dir / f"consumed.process_{jax.process_index()}.jsonl", "a")
+    consumed_log = paths.AppendFile(run_dir / f"consumed.process_{jax.process_index()}.jsonl")
     losses: dict[int, float] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
     for i in range(start, tc.steps):
