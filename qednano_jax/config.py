@@ -65,14 +65,13 @@ class ModelConfig:
     remat_policy: str = field("none", "activation checkpointing of each scanned layer (see model.qwen3.REMAT_POLICIES)",
                               choices=("none", "full", "dots", "dots_no_batch", "qkv_proj", "minimal"))
     logprob_chunk: int = field(1024, "sequence chunk for logprobs/loss: [B, chunk, vocab] logits exist at once", ge=1)
-    attention_chunk: int = field(0, "query (and flash key) block of attention in the full forward (0 = one "
+    attention_chunk: int = field(0, "query block of attention in the full forward (0 = one "
                                  "block): bounds the [B, heads, chunk, length] score tensor on long rows; blocks skip "
                                  "the keys after them (causal)", ge=0)
-    attention_impl: str = field("blocked", "full-forward attention (model/attention.py): 'blocked' (simple; the "
-                                "backward keeps [t, s] probabilities), 'flash' (blocks with a custom backward: memory "
-                                "linear in the row length; for long rows and accelerators) or 'rows' (one batch row "
-                                "and KV head at a time: fastest on a single CPU device; never on a mesh)",
-                                choices=("blocked", "flash", "rows"))
+    attention_impl: str = field("blocked", "full-forward attention (model/attention.py): 'blocked' (the whole "
+                                "batch per query block; meshes and accelerators) or 'rows' (one batch row and KV head "
+                                "at a time: about 2x faster attention on a single CPU device; never on a mesh)",
+                                choices=("blocked", "rows"))
 
     def __post_init__(self):
         validate(self)

@@ -111,8 +111,6 @@ def plain(tied):
 
 
 @pytest.mark.parametrize("change", [{"attention_chunk": 4}, {"attention_impl": "rows", "attention_chunk": 4},
-                                    {"attention_impl": "flash", "attention_chunk": 4, "remat_policy": "full"},
-                                    {"attention_impl": "flash", "attention_chunk": 6},  # 16 tokens: padded blocks
                                     {"remat_policy": "full"}, {"remat_policy": "minimal"}],
                          ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_attention_chunk_and_remat_keep_logits_and_grads(tied, plain, change):
