@@ -122,22 +122,33 @@ class SGLangRollout:
         path, export_s = refit_lib.export_version(self.model_cfg, params, self.cfg.refit_dir, version,
                                                   self.cfg.keep_last)
         t0 = time.perf_counter()
-        self.wait_healthy()
-        errors = []
-        with concurrent.futures.ThreadPoolExecutor(len(self.urls)) as ex:
-            futs = {u: ex.submit(refit_lib.update_from_disk, self._session(), u, path, version,
-                                 self.cfg.request_timeout) for u in self.urls}
-            for u, f in futs.items():
-                try:
-                    f.result()
-                except RolloutError as e:
-                    errors.append(str(e))
+        if not self._gated:  # first use: wait for the servers as generate does
+            self.wait_healthy()
+        # No /health_generate probe per refit: SGLang answers it after a 1-token forward and a 1 s poll, so it cost
+        # 1-2 s a refit. A server that fails the update is waited for like a failed request, then updated once more.
+        errors = self._update_all(self.urls, path, version)
         if errors:
-            raise RolloutError("refit failed on " + "; ".join(errors))
+            self.wait_healthy()
+            errors = self._update_all(list(errors), path, version)
+        if errors:
+            raise RolloutError("refit failed on " + "; ".join(errors.values()))
         self._version = str(version)
         update_s = time.perf_counter() - t0
         log.info("refit %s: export %.2fs, update %.2fs (%s)", version, export_s, update_s, path)
         return RefitResult(weight_version=str(version), export_s=export_s, update_s=update_s, path=str(path))
+
+    def _update_all(self, urls: list[str], path, version: str) -> dict[str, str]:
+        """update_from_disk on `urls` at once; returns {url: error} of those that failed."""
+        errors = {}
+        with concurrent.futures.ThreadPoolExecutor(len(urls)) as ex:
+            futs = {u: ex.submit(refit_lib.update_from_disk, self._session(), u, path, version,
+                                 self.cfg.request_timeout) for u in urls}
+            for u, f in futs.items():
+                try:
+                    f.result()
+                except RolloutError as e:
+                    errors[u] = str(e)
+        return errors
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
