@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,6 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy views use)
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from qednano_jax import paths
@@ -424,19 +424,25 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
             if old.name not in names and old.exists():
                 old.unlink()
 
-    pending: dict[int, dict[str, np.ndarray]] = {i: {} for i in range(n)}
-    left = [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
+    shard, left, bufs = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)], {}
     for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
-        host = _to_host(_get(params, entry.ours)).astype(np_dtype)  # on the host: no compile per leaf
+        host = _to_host(_get(params, entry.ours)).astype(np_dtype, copy=False)  # on the host: no compile per leaf
         for layer in range(cfg.num_layers) if entry.per_layer else [None]:
             name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
             i = shard_of[name]
-            pending[i][name] = to_hf(entry, host[layer] if entry.per_layer else host)
+            if writer:  # tensors come in plan order: each is written as soon as it is laid out, shard after shard
+                if shard is None:
+                    shard = _ShardWriter(path / names[i], [(t, s) for t, _, _, s in tensors if shard_of[t] == i],
+                                         np_dtype)
+                x = host[layer] if entry.per_layer else host
+                if entry.split and entry.hf not in bufs:
+                    bufs[entry.hf] = np.empty(_leaf_shape(entry, host.shape), np_dtype)
+                buf = bufs.get(entry.hf)
+                shard.write(_to_hf_into(entry, x, buf))
             left[i] -= 1
-            if not left[i]:
-                if writer:
-                    _save_shard(pending[i], path / names[i])
-                pending[i] = {}
+            if not left[i] and shard is not None:
+                shard.close()
+                shard = None
         del host
     if not writer:
         return path
@@ -455,12 +461,45 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     return path
 
 
-def _save_shard(tensors: dict[str, np.ndarray], dst: Path | epath.Path) -> None:
-    """One safetensors file. safetensors writes local files only: a remote `dst` is written to a local temporary
-    file first and streamed up (serialising to bytes in memory instead would hold the shard twice)."""
-    if not paths.is_url(dst):
-        save_file(tensors, dst, metadata={"format": "pt"})
-        return
-    with tempfile.TemporaryDirectory(prefix="qednano-hf-") as tmp:
-        save_file(tensors, Path(tmp) / dst.name, metadata={"format": "pt"})
-        paths.copy(Path(tmp) / dst.name, dst)
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+_BLOCK = 64  # rows per transposed block: a block of the source and of the target stay in cache together
+
+
+def _to_hf_into(entry: Entry, x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
+    """to_hf(entry, x), with a transposed layout written into `buf` in row blocks. `buf` is reused from layer to
+    layer: a fresh array per tensor costs more in page faults than the transpose itself."""
+    if not entry.split:
+        return np.ascontiguousarray(x)
+    n = entry.split
+    x2 = x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:]))
+    for r in range(0, x2.shape[0], _BLOCK):
+        buf[:, r:r + _BLOCK] = x2[r:r + _BLOCK].T
+    return buf
+
+
+class _ShardWriter:
+    """One safetensors file written tensor by tensor, straight from the arrays' buffers (safetensors' save_file needs
+    every tensor at once and copies each to bytes first). The header is known from the plan: u64 little-endian
+    length, JSON {name: dtype, shape, data_offsets} padded with spaces to a multiple of 8 bytes, then the data in
+    header order. A remote `dst` is written to a local temporary file and copied up on close."""
+
+    def __init__(self, dst: Path | epath.Path, specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in specs:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        self.dst, self.tmp = dst, (tempfile.TemporaryDirectory(prefix="qednano-hf-") if paths.is_url(dst) else None)
+        self.f = open(Path(self.tmp.name) / dst.name if self.tmp else dst, "wb")
+        self.f.write(struct.pack("<Q", len(head)) + head)
+
+    def write(self, a: np.ndarray) -> None:
+        self.f.write(a.reshape(-1).view(np.uint8).data)
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tmp:
+            paths.copy(Path(self.f.name), self.dst)
+            self.tmp.cleanup()

@@ -41,6 +41,9 @@ def gcs(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)       # gcsfs (etils.epath's gs:// backend)
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)    # tensorstore, which orbax writes arrays with
     monkeypatch.setenv("GCE_METADATA_ROOT", "127.0.0.1:1")  # no credentials to look for: fail fast, go anonymous
+    # one request at a time: the emulator answered concurrent conditional writes with a generation tensorstore
+    # rejects ("Malformed StorageGeneration", 1 run in 3)
+    monkeypatch.setenv("TENSORSTORE_GCS_REQUEST_CONCURRENCY", "1")
     monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon"})
     fsspec.AbstractFileSystem.clear_instance_cache()
     try:
