@@ -23,8 +23,6 @@ import jax.numpy as jnp
 
 NEG = -1e30  # finite "minus infinity": a fully masked (padding) row stays finite
 
-IMPLS = ("blocked", "rows")
-
 
 def attend(q_bthe, k_bske, v_bske, mask_bts):
     """Plain softmax attention over all given keys.

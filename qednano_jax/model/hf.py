@@ -117,12 +117,21 @@ def hf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, Entry, int | None, tuple
             yield (e.hf.format(i=layer) if e.per_layer else e.hf), e, layer, hf_shape
 
 
-def to_hf(entry: Entry, x: np.ndarray) -> np.ndarray:
-    """One of our per-layer arrays -> the HF tensor (C-contiguous)."""
+_BLOCK = 64  # rows per transposed block: a block of the source and of the target stay in cache together
+
+
+def to_hf(entry: Entry, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """One of our per-layer arrays -> the HF tensor (C-contiguous). A transposed layout is written in row blocks
+    into `out` when given (save_hf reuses one from layer to layer: a fresh array per tensor costs more in page
+    faults than the transpose itself)."""
     if not entry.split:
         return np.ascontiguousarray(x)
     n = entry.split
-    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:])).T)
+    x2 = x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:]))
+    out = np.empty(x2.shape[::-1], x2.dtype) if out is None else out
+    for r in range(0, x2.shape[0], _BLOCK):
+        out[:, r:r + _BLOCK] = x2[r:r + _BLOCK].T
+    return out
 
 
 def _read_block(view: Any, entry: Entry, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
@@ -424,9 +433,10 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
             if old.name not in names and old.exists():
                 old.unlink()
 
-    shard, left, bufs = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)], {}
+    shard, left = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
     for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
         host = _to_host(_get(params, entry.ours)).astype(np_dtype, copy=False)  # on the host: no compile per leaf
+        buf = np.empty(_leaf_shape(entry, host.shape), np_dtype) if entry.split and writer else None
         for layer in range(cfg.num_layers) if entry.per_layer else [None]:
             name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
             i = shard_of[name]
@@ -434,16 +444,12 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
                 if shard is None:
                     shard = _ShardWriter(path / names[i], [(t, s) for t, _, _, s in tensors if shard_of[t] == i],
                                          np_dtype)
-                x = host[layer] if entry.per_layer else host
-                if entry.split and entry.hf not in bufs:
-                    bufs[entry.hf] = np.empty(_leaf_shape(entry, host.shape), np_dtype)
-                buf = bufs.get(entry.hf)
-                shard.write(_to_hf_into(entry, x, buf))
+                shard.write(to_hf(entry, host[layer] if entry.per_layer else host, buf))
             left[i] -= 1
             if not left[i] and shard is not None:
                 shard.close()
                 shard = None
-        del host
+        del host, buf
     if not writer:
         return path
     if n > 1:
@@ -462,19 +468,6 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
 
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-_BLOCK = 64  # rows per transposed block: a block of the source and of the target stay in cache together
-
-
-def _to_hf_into(entry: Entry, x: np.ndarray, buf: np.ndarray | None) -> np.ndarray:
-    """to_hf(entry, x), with a transposed layout written into `buf` in row blocks. `buf` is reused from layer to
-    layer: a fresh array per tensor costs more in page faults than the transpose itself."""
-    if not entry.split:
-        return np.ascontiguousarray(x)
-    n = entry.split
-    x2 = x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:]))
-    for r in range(0, x2.shape[0], _BLOCK):
-        buf[:, r:r + _BLOCK] = x2[r:r + _BLOCK].T
-    return buf
 
 
 class _ShardWriter:
