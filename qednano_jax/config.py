@@ -65,18 +65,23 @@ class ModelConfig:
     remat_policy: str = field("none", "activation checkpointing of each scanned layer (see model.qwen3.REMAT_POLICIES)",
                               choices=("none", "full", "dots", "dots_no_batch", "qkv_proj", "minimal"))
     logprob_chunk: int = field(1024, "sequence chunk for logprobs/loss: [B, chunk, vocab] logits exist at once", ge=1)
-    attention_chunk: int = field(0, "query block of attention in the full forward (0 = one "
-                                 "block): bounds the [B, heads, chunk, length] score tensor on long rows; blocks skip "
-                                 "the keys after them (causal)", ge=0)
-    attention_impl: str = field("blocked", "full-forward attention (model/attention.py): 'blocked' (the whole "
-                                "batch per query block; meshes and accelerators) or 'rows' (one batch row and KV head "
-                                "at a time: about 2x faster attention on a single CPU device; never on a mesh)",
-                                choices=("blocked", "rows"))
+    attention_chunk: int = field(0, "attention block along both lengths (0 = the implementation's default: 512 "
+                                 "for flash/splash, one block for blocked/rows); a row it does not divide gets a "
+                                 "ragged last block; splash needs a multiple of 128", ge=0)
+    attention_impl: str = field("auto", "full-forward attention (model/attention.py): 'flash' (portable JAX, "
+                                "custom VJP, memory linear in the row length), 'splash' (the Pallas TPU kernel), "
+                                "'blocked' (query blocks; backward memory grows with length^2: short rows only), "
+                                "'rows' (blocked one row and KV head at a time: single-device CPU only), 'auto' "
+                                "(splash on TPU, flash elsewhere and under sequence parallelism)",
+                                choices=("auto", "flash", "splash", "blocked", "rows"))
 
     def __post_init__(self):
         validate(self)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
+        if self.attention_impl == "splash" and self.attention_chunk % 128:
+            raise ConfigError(f"model.attention_chunk: splash attention needs a multiple of 128 (or 0 = 512), got "
+                              f"{self.attention_chunk}")
 
 
 # ----------------------------------------------------------------------------------------------- sections: sft
@@ -92,9 +97,11 @@ def _default_rules() -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh and logical-axis rules (DESIGN.md principle 1). configs/mesh/{dp,fsdp,tp,fsdp_tp}.yaml hold the
-    four strategies; include one with `mesh: mesh/fsdp.yaml`."""
-    shape: dict[str, int] = field(help="mesh axis sizes {data, fsdp, tensor}; one may be -1 (= remaining devices)",
+    """Device mesh and logical-axis rules (DESIGN.md principle 1). configs/mesh/{dp,fsdp,tp,fsdp_tp,fsdp_sp,
+    fsdp_tp_sp}.yaml hold the strategies; include one with `mesh: mesh/fsdp.yaml`. A rule for `act_length` turns
+    on sequence parallelism (model/attention.py): data.seq_len must then be a multiple of 2 x its mesh size."""
+    shape: dict[str, int] = field(help="mesh axis sizes {data, fsdp, tensor[, sequence]}; one may be -1 (= remaining "
+                                  "devices)",
                                   default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     rules: dict[str, Any] = field(help="logical axis -> mesh axis / list of axes / null (replicated)",
                                   default_factory=_default_rules)

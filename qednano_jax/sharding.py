@@ -1,8 +1,9 @@
 """Logical axis names -> mesh axes (DESIGN.md principle 1).
 
 The model names every parameter and activation axis logically (`vocab`, `embed`, `heads`, ..., and `act_*` for
-activations). A rule set maps each logical name to a mesh axis (`data`, `fsdp`, `tensor`), a tuple of mesh axes,
-or None (replicated). Strategies (dp, fsdp, tp, fsdp+tp) are rule sets, not code paths.
+activations). A rule set maps each logical name to a mesh axis (`data`, `fsdp`, `tensor`, `sequence`), a tuple of mesh
+axes, or None (replicated). Strategies (dp, fsdp, tp, fsdp+tp, and the sequence-parallel fsdp_sp, fsdp_tp_sp) are
+rule sets, not code paths.
 
 Resolution of one array's logical axes: each axis takes its rule's mesh axes unless one of them is already used by
 an earlier axis of the same array, or the dimension is not divisible by the mesh size of those axes; then that axis
@@ -82,6 +83,21 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, rules, mesh, x.shape))
 
 
+def active_axes(logical: str) -> tuple[Mesh | None, tuple[str, ...]]:
+    """(mesh, the mesh axes of size > 1 that the active rules map `logical` to); (None, ()) without active rules."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None, ()
+    mesh, rules = active
+    return mesh, tuple(a for a in _as_tuple(rules.get(logical)) if mesh.shape.get(a, 1) > 1)
+
+
+def active_spec(axes: Sequence[str | None], shape: Sequence[int]) -> P:
+    """PartitionSpec of an activation with logical `axes` under the active rules (P() without)."""
+    active = _ACTIVE.get()
+    return P() if active is None else logical_to_spec(axes, active[1], active[0], shape)
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """Mesh with named axes; one size may be -1 for "all remaining devices"."""
     devices = list(jax.devices() if devices is None else devices)
@@ -122,11 +138,20 @@ RULE_SETS: dict[str, dict[str, Any]] = {
                 "act_mlp": "tensor", "act_vocab": "tensor"},
 }
 
+# sequence parallelism: the activations' length axis over `sequence` (model.attention.sequence_parallel), the params
+# sharded over fsdp x sequence (every device holds 1/n of them), rows over the data-parallel axes only
+_FSDP_SP = ["fsdp", "sequence"]
+RULE_SETS["fsdp_sp"] = {"batch": _BATCH, "act_batch": _BATCH, "vocab": _FSDP_SP, "embed": _FSDP_SP, "mlp": _FSDP_SP,
+                        "act_length": "sequence"}
+RULE_SETS["fsdp_tp_sp"] = {**RULE_SETS["fsdp_tp"], "embed": _FSDP_SP, "act_length": "sequence"}
+
 MESH_SHAPES: dict[str, dict[str, int]] = {
     "dp": {"data": -1, "fsdp": 1, "tensor": 1},
     "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},
     "tp": {"data": 1, "fsdp": 1, "tensor": -1},
     "fsdp_tp": {"data": 1, "fsdp": -1, "tensor": 2},
+    "fsdp_sp": {"data": 1, "fsdp": -1, "tensor": 1, "sequence": 2},
+    "fsdp_tp_sp": {"data": 1, "fsdp": -1, "tensor": 2, "sequence": 2},
 }
 
 

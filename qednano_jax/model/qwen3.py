@@ -15,9 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
-from qednano_jax.config import ModelConfig
+from qednano_jax import sharding
+from qednano_jax.config import ConfigError, ModelConfig
 from qednano_jax.model import attention
 from qednano_jax.sharding import constrain
 
@@ -126,8 +129,9 @@ def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
 
 
 def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_write=None):
-    """One decoder layer; `limit_bt`, `seg` as in model.attention. `kv_write(k, v) -> (keys, values)` stores new k/v in
-    a cache and returns what to attend (then the whole cache, in one block)."""
+    """One decoder layer; `seg` as in model.attention. `kv_write(k, v) -> (keys, values)` stores new k/v in a cache
+    and returns what to attend (the whole cache, in one block, each query seeing the slots <= its `limit_bt`);
+    without it the layer runs the full forward's causal attention (`limit_bt` unused)."""
     dt = jnp.dtype(cfg.dtype)
     w = lambda name: lp[name].astype(dt)
     h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
@@ -140,10 +144,10 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_
     k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     if kv_write is not None:
         k, v = kv_write(k, v)
-    if kv_write is None:
-        a = attention.attention(q, k, v, limit_bt, seg, cfg.attention_chunk, cfg.attention_impl)
-    else:  # decode / prefill against the whole cache: one block
+    if kv_write is not None:  # decode / prefill against the whole cache: one block
         a = attention.attend(q, k, v, attention.mask(k.shape[1], limit_bt, seg))
+    else:
+        a = _self_attention(cfg, q, k, v, seg)
     o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
     x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -152,6 +156,29 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_
     hidden = constrain(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
     x = x + jnp.einsum("btf,fd->btd", hidden, w("down_proj"))
     return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def _self_attention(cfg: ModelConfig, q, k, v, seg):
+    """The full forward's causal attention: `cfg.attention_impl`, or all-gather sequence parallelism when the
+    active rules shard `act_length` (the rows are then in attention.balanced_order; see hidden_states)."""
+    mesh, seq_axes = sharding.active_axes("act_length")
+    if not seq_axes:
+        return attention.attention(q, k, v, seg, cfg.attention_chunk, cfg.attention_impl)
+    if attention.resolve_impl(cfg.attention_impl, sequence_parallel=True) != "flash":
+        raise ConfigError(f"model.attention_impl: {cfg.attention_impl!r} does not support sequence parallelism "
+                          "(a mesh rule for act_length); use flash")
+    q_spec = sharding.active_spec(("act_batch", "act_length", "act_heads", None), q.shape)
+    kv_spec = sharding.active_spec(("act_batch", "act_length", "act_kv_heads", None), k.shape)
+    if q_spec[2] != kv_spec[2]:  # heads split but KV heads not (or the reverse): keep every head group whole
+        q_spec, kv_spec = (P(*sp[:2], None, None) for sp in (q_spec, kv_spec))
+    q_spec, kv_spec = (P(*sp, *([None] * (4 - len(sp)))) for sp in (q_spec, kv_spec))
+    return attention.sequence_parallel(q, k, v, seg, cfg.attention_chunk, mesh=mesh, seq_axes=seq_axes,
+                                       q_spec=q_spec, kv_spec=kv_spec)
+
+
+def _sequence_shards() -> int:
+    mesh, seq_axes = sharding.active_axes("act_length")
+    return int(np.prod([mesh.shape[a] for a in seq_axes])) if seq_axes else 1
 
 
 def _maybe_remat(cfg: ModelConfig, fn):
@@ -191,13 +218,19 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positi
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    limit = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # causal: a token sees itself and before
+    n = _sequence_shards()
+    if n > 1:  # sequence parallelism: rows in load-balanced causal order, put back at the end
+        order = attention.balanced_order(t, n)
+        tokens, positions = tokens[:, order], positions[:, order]
+        segment_ids = None if segment_ids is None else segment_ids[:, order]
     seg = None if segment_ids is None else (segment_ids, segment_ids)
 
     def body(x, lp):
-        return _layer(cfg, lp, x, positions, limit, seg), None
+        return _layer(cfg, lp, x, positions, None, seg), None
 
     x, _ = jax.lax.scan(_maybe_remat(cfg, body), _embed(cfg, params, tokens), params["layers"])
+    if n > 1:
+        x = constrain(x[:, np.argsort(order)], ("act_batch", "act_length", "act_embed"))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
@@ -216,31 +249,36 @@ def token_logprobs(cfg: ModelConfig, params: Params, hidden_btd: jax.Array, targ
     exist at once, in the forward and in the backward pass (DESIGN.md scale targets). Returns fp32 [b, t] arrays.
     """
     b, t, d = hidden_btd.shape
-    c = min(cfg.logprob_chunk, t)
-    n = -(-t // c)
-    pad = n * c - t
-    h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
-    y = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    s = _sequence_shards()  # under sequence parallelism each device maps over the chunks of its own part
+    s = s if t % s == 0 else 1
+    tl = t // s
+    c = min(cfg.logprob_chunk, tl)
+    n = -(-tl // c)
+    pad = n * c - tl
+    h = jnp.pad(hidden_btd.reshape(b, s, tl, d), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    h = constrain(h.reshape(b, s, n, c, d), ("act_batch", "act_length", None, None, "act_embed"))
+    y = jnp.pad(targets_bt.reshape(b, s, tl), ((0, 0), (0, 0), (0, pad))).reshape(b, s, n, c)
+    h, y = jnp.moveaxis(h, 2, 0), jnp.moveaxis(y, 2, 0)  # [n, b, s, c, (d)]
     dt = jnp.dtype(cfg.dtype)
     w = head_weight(cfg, params)
 
     @jax.checkpoint
     def one(args):
-        h_bcd, y_bc = args
-        logits = jnp.einsum("bcd,vd->bcv", h_bcd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        h_bscd, y_bsc = args
+        logits = jnp.einsum("bscd,vd->bscv", h_bscd.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
         logits = logits / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, y_bc[..., None], axis=-1)[..., 0] - lse
+        lp = jnp.take_along_axis(logits, y_bsc[..., None], axis=-1)[..., 0] - lse
         if not with_entropy:
             return lp, jnp.zeros_like(lp)
         p = jnp.exp(logits - lse[..., None])
         return lp, lse - jnp.sum(p * logits, axis=-1)
 
     lp, ent = jax.lax.map(one, (h, y))
-    lp = lp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    back = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, s, n * c)[:, :, :tl].reshape(b, t)
     if not with_entropy:
-        return lp
-    return lp, ent.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+        return back(lp)
+    return back(lp), back(ent)
 
 
 # ----------------------------------------------------------------------------------------------- KV cache

@@ -30,11 +30,23 @@ COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "logprob_chunk", "atte
 
 
 def mesh_and_rules(cfg: Config):
+    """The mesh and rules of cfg.mesh; with sequence parallelism (a rule for act_length) the row length and the
+    attention implementation are checked against it (model/attention.py)."""
     try:
         mesh = sharding.make_mesh(cfg.mesh.shape)
     except ValueError as e:
         raise ConfigError(f"mesh.shape: {e}") from None
-    return mesh, dict(cfg.mesh.rules)
+    rules = dict(cfg.mesh.rules)
+    seq = [a for a in sharding._as_tuple(rules.get("act_length")) if mesh.shape.get(a, 1) > 1]
+    n = int(np.prod([mesh.shape[a] for a in seq])) if seq else 1
+    if n > 1:
+        if cfg.data.seq_len % (2 * n):
+            raise ConfigError(f"data.seq_len: {cfg.data.seq_len} must be a multiple of {2 * n} for the {n}-way "
+                              f"sequence parallelism of mesh.rules.act_length ({'x'.join(seq)})")
+        if cfg.model.attention_impl not in ("auto", "flash"):
+            raise ConfigError(f"model.attention_impl: {cfg.model.attention_impl!r} does not support sequence "
+                              "parallelism (mesh.rules.act_length); use flash or auto")
+    return mesh, rules
 
 
 def model_config(cfg: Config) -> ModelConfig:

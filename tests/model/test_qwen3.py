@@ -107,10 +107,14 @@ def _loss_and_grads(cfg, params):
 
 @pytest.fixture(scope="module")
 def plain(tied):
-    return _loss_and_grads(*tied)
+    cfg, params = tied  # the whole [t, t] mask at once: the reference of every other path
+    return _loss_and_grads(dataclasses.replace(cfg, attention_impl="blocked", attention_chunk=0), params)
 
 
-@pytest.mark.parametrize("change", [{"attention_chunk": 4}, {"attention_impl": "rows", "attention_chunk": 4},
+@pytest.mark.parametrize("change", [{"attention_impl": "flash", "attention_chunk": 5},
+                                    {"attention_impl": "blocked", "attention_chunk": 5},
+                                    {"attention_impl": "rows", "attention_chunk": 5},
+                                    {"attention_impl": "splash", "attention_chunk": 128},
                                     {"remat_policy": "full"}, {"remat_policy": "minimal"}],
                          ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_attention_chunk_and_remat_keep_logits_and_grads(tied, plain, change):

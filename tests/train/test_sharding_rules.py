@@ -18,7 +18,7 @@ def test_mesh_yaml_matches_rule_set(name):
     assert norm(cfg.mesh.rules) == norm(sharding.RULE_SETS[name])
     assert set(cfg.mesh.rules) <= LOGICAL
     assert set(v for r in cfg.mesh.rules.values() for v in ([r] if isinstance(r, str) else r or [])) <= \
-        {"data", "fsdp", "tensor"}
+        {"data", "fsdp", "tensor", "sequence"}
     sharding.make_mesh(cfg.mesh.shape)  # fits the 8 test devices
 
 
