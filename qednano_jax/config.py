@@ -346,7 +346,8 @@ class PlanConfig:
     devices: tuple[int, ...] = field(default_factory=lambda: (8,), help="target device counts (one compile each "
                                      "per strategy)")
     tpu: str = field("v5p", "TPU generation (or alias) from configs/tpu.yaml for HBM size, peak FLOP/s and bandwidths")
-    strategies: tuple[str, ...] = field(default_factory=lambda: ("dp", "fsdp", "tp", "fsdp_tp", "config"),
+    strategies: tuple[str, ...] = field(default_factory=lambda: ("dp", "fsdp", "tp", "fsdp_tp", "fsdp_sp",
+                                                                 "fsdp_tp_sp", "config"),
                                         help="rule sets of sharding.RULE_SETS to plan; `config` = this config's own "
                                         "mesh section (skipped when it equals a named one)")
     seq_len: int = field(0, "tokens per row of the planned micro-batch (0 = data.seq_len)", ge=0)

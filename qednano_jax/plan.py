@@ -2,11 +2,12 @@
 [--seq-len N] [--strategies dp,fsdp]` (the flags are shorthands for the plan.* config fields listed below).
 
 Answers "does this config fit, and how fast would it run?" before paying for a pod (DESIGN.md scale targets). For
-each device count (plan.devices) and strategy (plan.strategies: the rule sets dp, fsdp, tp, fsdp_tp of sharding.py
-and the config's own mesh section) it compiles the REAL train step (train/step.py make_train_step around sft_loss,
-with the config's optimizer and remat policy) ahead of time on fake CPU devices from abstract shapes
-(ShapeDtypeStructs carrying their shardings: no weights are allocated), for train.micro_batches micro-batches of
-plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and reports per device:
+each device count (plan.devices) and strategy (plan.strategies: the rule sets dp, fsdp, tp, fsdp_tp, fsdp_sp,
+fsdp_tp_sp of sharding.py and the config's own mesh section) it compiles the REAL train step of the config's stage
+(train/step.py make_train_step around sft_loss for `stage: sft`, around the RL loss of rl/loop.py for `rl` and `rc`;
+the config's optimizer, remat policy and attention implementation) ahead of time on fake CPU devices from abstract
+shapes (ShapeDtypeStructs carrying their shardings: no weights are allocated), for the stage's micro-batches
+(`stage_step`) of plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and reports per device:
 
   bytes      params, optimizer state (from the compiled step's input shardings), the fp32 gradients (sharded
              like the params; part of temp; with train.micro_batches > 1 the accumulator is another such buffer),
@@ -14,8 +15,10 @@ plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and rep
              peak = arguments + outputs - aliases + temporaries; fits = peak <= the TPU generation's HBM per
              device (configs/tpu.yaml).
   flops      matmul FLOPs counted from the compiled HLO's dot instructions, each computation weighted by how often it
-             runs (while loops by their known trip counts: the layer scan). XLA's cost_analysis() counts a loop body
-             once, so its figure (reported as xla_cost_flops) undercounts a scanned model by about num_layers.
+             runs: while loops by XLA's known trip counts (the layer scan), and loops whose bounds are traced (flash
+             attention's causal block loops) by the mean trip count model/attention.py puts in their name scope, so
+             the attention's real work is counted, causal skipping included. XLA's cost_analysis() counts a loop
+             body once (reported as xla_cost_flops: an undercount by about num_layers).
   collective all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute from the compiled HLO: count
              and bytes (the full buffer of the op, trip counts applied) and the ring-algorithm bytes each device
              sends ("link bytes": all-reduce 2(n-1)/n, gathers, scatters and all-to-all (n-1)/n, permutes 1x).
@@ -52,8 +55,8 @@ import yaml
 
 from qednano_jax.config import CONFIGS_DIR, Config, ConfigError, load_config, to_dict
 
-KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-BUILTIN = ("dp", "fsdp", "tp", "fsdp_tp")
+BUILTIN = ("dp", "fsdp", "tp", "fsdp_tp", "fsdp_sp", "fsdp_tp_sp")
+TRIPS = "qednano_mean_trips="  # = model.attention.TRIPS (not imported: jax must not load before XLA_FLAGS is set)
 
 
 # ----------------------------------------------------------------------------------------------- TPU table
@@ -144,13 +147,56 @@ def parse_hlo(text: str) -> tuple[dict[str, list[dict]], str]:
         if not op:
             continue
         operands, attrs = _operands(call)
-        current.append({"name": m.group(1), "shape": shape, "op": op.group(1), "operands": operands, "attrs": attrs})
+        param = re.match(r"parameter\((\d+)\)", call)
+        current.append({"name": m.group(1), "shape": shape, "op": op.group(1), "operands": operands, "attrs": attrs,
+                        "root": line.lstrip().startswith("ROOT"), "param": int(param.group(1)) if param else None})
     return comps, entry
 
 
-def _trip_count(attrs: str) -> int | None:
+def _traffic(ins: dict, comps: dict, shapes: dict) -> float:
+    """HBM bytes one unfused instruction (or fusion) reads and writes. A slice of a big buffer reads only the
+    slice, and a dynamic-update-slice writes only the update (in place), whether alone or inside a fusion: flash
+    attention's block loops slice and update whole-row buffers every iteration, which full-operand counting would
+    charge as whole-row traffic per block."""
+    op = ins["op"]
+    if op == "dynamic-slice":
+        return 2.0 * shape_bytes(ins["shape"])
+    if op == "dynamic-update-slice":
+        return 2.0 * shape_bytes(shapes.get(ins["operands"][1], ""))
+    operand_bytes = [shape_bytes(shapes.get(o, "")) for o in ins["operands"]]
+    out = shape_bytes(ins["shape"])
+    callee = re.search(r"calls=%?([\w.\-]+)", ins["attrs"]) if op == "fusion" else None
+    body = comps.get(callee.group(1), []) if callee else []
+    if not body:
+        return out + sum(operand_bytes)
+    users: dict[str, list[dict]] = {}
+    for i in body:
+        for o in i["operands"]:
+            users.setdefault(o, []).append(i)
+    params = {i["param"]: i["name"] for i in body if i["op"] == "parameter"}
+    total = 0.0
+    for idx, nbytes in enumerate(operand_bytes):
+        us = users.get(params.get(idx, ""), [])
+        if us and all(u["op"] in ("dynamic-slice", "dynamic-update-slice") and u["operands"][0] == params[idx]
+                      for u in us):  # read as slices; updated in place (the update is the root's write below)
+            total += sum(shape_bytes(u["shape"]) for u in us if u["op"] == "dynamic-slice")
+        else:
+            total += nbytes
+    root = next((i for i in body if i["root"]), None)
+    if root is not None and root["op"] == "dynamic-update-slice":
+        local = {i["name"]: i["shape"] for i in body}
+        out = shape_bytes(local.get(root["operands"][1], ""))
+    return total + out
+
+
+def _trip_count(attrs: str) -> float | None:
+    """A while loop's trip count: XLA's known_trip_count, else the mean that model.attention put in the loop's
+    name scope (`attention.trips_scope`: loops whose bounds are traced, e.g. flash attention's causal key loop)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    m = re.search(r'op_name="[^"]*' + re.escape(TRIPS) + r'([0-9.e+\-]+)/while"', attrs)
+    return float(m.group(1)) if m else None
 
 
 def _group_size(attrs: str, num_devices: int) -> int:
@@ -209,7 +255,7 @@ def analyze_hlo(text: str, num_devices: int) -> dict:
                     flops += times * 2.0 * math.prod(out[0][1]) * contract
             operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in ins["operands"])
             if comp not in fused and op not in _NO_TRAFFIC and not op.endswith("-done"):
-                hbm += times * (shape_bytes(ins["shape"]) + operand_bytes)
+                hbm += times * _traffic(ins, comps, shapes)
             base = op[:-6] if op.endswith("-start") else op
             if base in COLLECTIVES:
                 size = max(shape_bytes(ins["shape"]), operand_bytes)
@@ -265,6 +311,22 @@ def _shard_bytes(tree, shardings) -> int:
                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
+def stage_step(cfg: Config):
+    """(loss_fn, {batch key: dtype}, micro-batches) of the train step this config's stage runs: the SFT loss over
+    train.micro_batches micro-batches, or for `rl` / `rc` the RL loss (trainer logprobs at the sampling temperature,
+    entropy, PPO ratio, packed weights) over 2 micro-batches (an RL step always accumulates: its fp32 accumulator
+    is planned; memory is per micro-batch, FLOPs x 2)."""
+    import numpy as np
+    from qednano_jax.train import step as step_lib
+    if cfg.stage == "sft":
+        keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+        return step_lib.sft_loss, {k: np.int32 for k in keys}, cfg.train.micro_batches
+    from qednano_jax.rl.loop import BATCH_KEYS, rl_loss_fn
+    floats = ("weights", "old_logprobs", "advantages")
+    return (rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
+            {k: np.float32 if k in floats else np.int32 for k in BATCH_KEYS}, 2)
+
+
 def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
     """Compile the train step for one (strategy, device count) and collect its figures (see the module doc)."""
     import jax
@@ -292,19 +354,22 @@ def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:
         row["status"] = "replicated fallback"
 
     seq_len = cfg.plan.seq_len or cfg.data.seq_len
+    seq_shards = math.prod(mesh.shape[a] for a in sharding._as_tuple(rules.get("act_length")) if a in mesh.shape)
+    if seq_shards > 1 and seq_len % (2 * seq_shards):
+        return {**row, "status": "not divisible", "reason": f"seq_len ({seq_len}) % 2 x sequence ({2 * seq_shards})"}
     dp = math.prod(mesh.shape[a] for a in sharding._as_tuple(rules.get("batch")) if a in mesh.shape)
     rows = cfg.plan.rows_per_device * dp
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     st_sh = step_lib.state_shardings(model_cfg, optimizer, mesh, rules)
-    micro = cfg.train.micro_batches  # the step scans over them: memory per micro-batch, FLOPs x micro
-    b_sh = step_lib.batch_shardings(mesh, rules, KEYS, (micro, rows, seq_len))
-    fn = step_lib.make_train_step(model_cfg, step_lib.sft_loss, optimizer, optim.schedule(cfg.optim, cfg.train.steps),
+    loss_fn, dtypes, micro = stage_step(cfg)
+    b_sh = step_lib.batch_shardings(mesh, rules, dtypes, (micro, rows, seq_len))
+    fn = step_lib.make_train_step(model_cfg, loss_fn, optimizer, optim.schedule(cfg.optim, cfg.train.steps),
                                   mesh=mesh, rules=rules, state_sh=st_sh, batch_sh=b_sh)
     params = qwen3.abstract_params(model_cfg)
     state = jax.eval_shape(lambda: step_lib.TrainState(params=params, opt_state=optimizer.init(params),
                                                        step=jnp.zeros((), jnp.int32), rng=jnp.zeros((2,), jnp.uint32)))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, st_sh)
-    batch = {k: jax.ShapeDtypeStruct((micro, rows, seq_len), jnp.int32, sharding=b_sh[k]) for k in KEYS}
+    batch = {k: jax.ShapeDtypeStruct((micro, rows, seq_len), dt, sharding=b_sh[k]) for k, dt in dtypes.items()}
     batch["denominator"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=b_sh["denominator"])
 
     t0 = time.perf_counter()
@@ -380,7 +445,7 @@ def plan(cfg: Config, log=print) -> dict:
             log(f"plan: {s} on {n} devices ...")
             rows.append(plan_one(cfg, s, n, tpu))
     return {"tpu": {k: v for k, v in tpu.items() if k != "aliases"}, "seq_len": cfg.plan.seq_len or cfg.data.seq_len,
-            "rows_per_device": cfg.plan.rows_per_device, "micro_batches": cfg.train.micro_batches,
+            "stage": cfg.stage, "rows_per_device": cfg.plan.rows_per_device, "micro_batches": stage_step(cfg)[2],
             "model": {"params": qwen3.count_params(qwen3.abstract_params(cfg.model)), **to_dict(cfg.model)},
             "results": rows}
 
@@ -406,11 +471,11 @@ def format_table(report: dict) -> str:
     peaks = [r["bytes"]["peak"] for r in report["results"] if "bytes" in r]
     unit, uname = (2**30, "GiB") if max(peaks, default=0) >= 2**30 else (2**20, "MiB")
     _gb = lambda x: _fmt(x, unit)  # noqa: E731
-    head = ["devices", "strategy", "mesh d/f/t", "params", "opt", "grads", "temp", "peak", "fits", "collectives",
+    head = ["devices", "strategy", "mesh d/f/t/s", "params", "opt", "grads", "temp", "peak", "fits", "collectives",
             "TFLOP", "step ms", "compute/hbm/ici ms", "MFU (no HBM)", "compile s"]
     lines = [head]
     for r in report["results"]:
-        mesh = "/".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor")) if r["mesh"] else "-"
+        mesh = "/".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor", "sequence")) if r["mesh"] else "-"
         if "bytes" not in r:
             lines.append([str(r["devices"]), r["strategy"], mesh, r["status"] + ": " + r["reason"]])
             continue
@@ -424,7 +489,8 @@ def format_table(report: dict) -> str:
                       f"{e['mfu']:.1%} ({e['mfu_without_hbm']:.0%})", f"{r['compile_s']:.0f}"])
     widths = [max(len(l[i]) for l in lines if len(l) > i and len(l) == len(head)) for i in range(len(head))]
     out = [f"TPU {tpu['name']}: {tpu['device_hbm_bytes'] / 2**30:.1f} GiB HBM, "
-           f"{tpu['device_peak_flops_per_s'] / 1e12:.0f} TFLOP/s per device; {report.get('micro_batches', 1)} "
+           f"{tpu['device_peak_flops_per_s'] / 1e12:.0f} TFLOP/s per device; {report.get('stage', 'sft')} step, "
+           f"{report.get('micro_batches', 1)} "
            f"micro-batch(es) of {report['rows_per_device']} row(s) x {report['seq_len']} tokens per "
            f"data-parallel shard; {report['model']['params']:,} params; bytes in {uname} per device"]
     for l in lines:

@@ -187,11 +187,12 @@ def _while(lo, hi, body, carry):
     return out
 
 
-def _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block):
+def _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block, offsets):
     b, t, h, e = q.shape
     kh, g = k.shape[2], h // k.shape[2]
     qg, kg, vg, qs_all, ks_all, (bq, nq, bk, nk) = _prep(q, k, v, q_seg, k_seg, block)
     scale = e ** -0.5
+    pairs = np.mean([flash_block_pairs(t, k.shape[1], block, o) for o in offsets])
 
     def q_block(i, carry):
         out, lse = carry
@@ -219,7 +220,8 @@ def _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block):
 
         init = (jnp.full((b, kh, g, bq), NEG, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
                 jnp.zeros((b, kh, g, bq, e), jnp.float32))
-        m, l, acc = _while(jnp.int32(0), hi, k_block, init)
+        with jax.named_scope(trips_scope(pairs / nq)):
+            m, l, acc = _while(jnp.int32(0), hi, k_block, init)
         o = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(out.dtype)
         blk_lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
         return (jax.lax.dynamic_update_slice_in_dim(out, o, q0, axis=3),
@@ -231,24 +233,26 @@ def _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block):
     return o, lse  # lse stays grouped and padded: [b, k, g, tq]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def flash(q, k, v, q_seg, k_seg, q_offset, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def flash(q, k, v, q_seg, k_seg, q_offset, block, offsets=(0,)):
     """Flash attention in portable JAX: online softmax over key blocks, linear memory forward and backward.
 
     q [b, t, h, e], k/v [b, s, k, e], q_seg [b, t] / k_seg [b, s] int32 segment ids (a query sees keys of the same
     id only), `q_offset` (int32 scalar, may be traced) = the global index of query 0, so query i sees key j iff
-    j <= q_offset + i. The residuals for the backward are only (q, k, v, segment ids, out, logsumexp); the backward
-    recomputes each block's probabilities (FlashAttention-2, Dao 2023, arXiv:2307.08691).
+    j <= q_offset + i. `offsets` (static) lists the values q_offset takes (one per device under sequence
+    parallelism): it only sets the trip-count hint for the planner (`trips_scope`). The residuals for the backward
+    are only (q, k, v, segment ids, out, logsumexp); the backward recomputes each block's probabilities
+    (FlashAttention-2, Dao 2023, arXiv:2307.08691).
     """
-    return _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block)[0]
+    return _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block, offsets)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, q_offset, block):
-    out, lse = _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block)
+def _flash_fwd(q, k, v, q_seg, k_seg, q_offset, block, offsets):
+    out, lse = _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block, offsets)
     return out, (q, k, v, q_seg, k_seg, q_offset, out, lse)
 
 
-def _flash_bwd(block, res, d_out):
+def _flash_bwd(block, offsets, res, d_out):
     q, k, v, q_seg, k_seg, q_offset, out, lse = res
     b, t, h, e = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -258,6 +262,7 @@ def _flash_bwd(block, res, d_out):
     dog = group(d_out)
     delta = jnp.sum(dog.astype(jnp.float32) * group(out).astype(jnp.float32), axis=-1)  # [b, k, g, tq]
     scale = e ** -0.5
+    pairs = np.mean([flash_block_pairs(t, s, block, o) for o in offsets])
 
     def k_block(j, carry):
         dq, dk, dv = carry
@@ -287,7 +292,8 @@ def _flash_bwd(block, res, d_out):
             return dq, dkj, dvj
 
         zeros = jnp.zeros((b, kh, bk, e), jnp.float32)
-        dq, dkj, dvj = _while(lo, end, q_block, (dq, zeros, zeros))
+        with jax.named_scope(trips_scope(pairs / nk)):
+            dq, dkj, dvj = _while(lo, end, q_block, (dq, zeros, zeros))
         return (dq, jax.lax.dynamic_update_slice_in_dim(dk, dkj, k0, axis=2),
                 jax.lax.dynamic_update_slice_in_dim(dv, dvj, k0, axis=2))
 
@@ -299,6 +305,15 @@ def _flash_bwd(block, res, d_out):
 
 
 flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+TRIPS = "qednano_mean_trips="  # named-scope prefix of a while loop whose trip count is traced
+
+
+def trips_scope(mean: float) -> str:
+    """Name scope for a while loop with a traced trip count: its mean trip count, which the planner reads from the
+    compiled HLO's op_name metadata (plan.analyze_hlo), since XLA cannot know it."""
+    return f"{TRIPS}{mean:.6g}"
 
 
 def flash_block_pairs(t: int, s: int, block: int, q_offset: int = 0) -> int:
@@ -395,8 +410,9 @@ def sequence_parallel(q, k, v, seg, block: int, *, mesh, seq_axes: tuple[str, ..
         outs = []
         for half, chunk in ((0, r), (1, 2 * n - 1 - r)):
             sl = slice(half * c, (half + 1) * c)
+            offsets = tuple(c * (i if half == 0 else 2 * n - 1 - i) for i in range(n))
             outs.append(flash(q[:, sl], k_all, v_all, qs[:, sl], ks_all, (chunk * c).astype(jnp.int32),
-                              block or DEFAULT_BLOCK))
+                              block or DEFAULT_BLOCK, offsets))
         return jnp.concatenate(outs, axis=1)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
