@@ -53,13 +53,13 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,4096,8192,16384")
     ap.add_argument("--impls", default="flash,blocked,splash")
     ap.add_argument("--block", type=int, default=512, help="model.attention_chunk")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-run-gib", type=float, default=8.0)
     ap.add_argument("--time-splash", action="store_true")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     impls = args.impls.split(",")
-    machine.report("before")
+    watch = machine.Watch()
     print(f"{jax.devices()[0].platform} x{len(jax.devices())}; 2 layers, hidden 512, 4 x 128 heads, 2 KV heads, "
           f"full remat, fp32, block {args.block}, value_and_grad of one packed row")
     rows = {}
@@ -94,7 +94,7 @@ def main() -> None:
             tps = f"{t / secs:,.0f}" if secs else "-"
             print(f"{impl:8} {t:7d} {temp / 2**30:9.3f} {grow:>10} {sec_s:>10} {tgrow:>10} {tps:>9} {cs:9.1f}")
             prev = (temp, secs)
-    machine.report("after")
+    watch.done()
 
 
 if __name__ == "__main__":

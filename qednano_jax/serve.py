@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--max-batch", type=int, default=64, help="rows decoded together")
     ap.add_argument("--weight-version", default="default", help="version reported before the first refit")
-    ap.add_argument("--mesh", default="", help="shard the model over local devices with this rule set "
-                    "(dp, fsdp, tp, fsdp_tp; default: one device)")
+    ap.add_argument("--mesh", default="", choices=("", "dp", "fsdp", "tp", "fsdp_tp"),
+                    help="shard the model over local devices with this rule set (default: one device)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mesh = rules = None

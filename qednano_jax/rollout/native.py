@@ -147,6 +147,7 @@ class NativeRollout:
     """`Rollout` backend running `generate_tokens` in this process (see module doc).
 
     `params` are placed on `mesh` by `rules` (like the model in training); the batch is split over the data axes.
+    Decoding is never sequence-parallel: a rule for `act_length` (the training mesh's sequence axis) is dropped.
     `refit` swaps the params in memory. Thread-safe: concurrent `generate` calls are serialised.
     """
 
@@ -155,7 +156,8 @@ class NativeRollout:
         if (mesh is None) != (rules is None):
             raise ValueError("NativeRollout: pass both mesh and rules, or neither")
         self.cfg, self.tokenizer, self.max_batch = model_cfg, tokenizer, int(max_batch)
-        self.mesh, self.rules = mesh, rules
+        self.mesh = mesh
+        self.rules = None if rules is None else {k: v for k, v in rules.items() if k != "act_length"}
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._params = self._place(params)

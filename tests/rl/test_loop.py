@@ -110,6 +110,25 @@ def test_toy_task_reward_rises_through_the_full_loop(tmp_path, tiny_hf_dir):
     assert m["completions"] == 16 and m["stale_groups"] == 0 and m["weight_lag_mean"] == 0
 
 
+def test_sequence_parallel_run_matches_fsdp(tmp_path, tiny_hf_dir):
+    """The same 2 RL steps on fsdp (8 row shards) and on fsdp_sp with 4-way sequence parallelism (2 row shards x 4
+    length shards, rows in load-balanced order): the same rollouts, losses, grad norms and params."""
+    reward = first_token_reward(pick_target(tiny_hf_dir, toy_config(tmp_path, tiny_hf_dir))[0])
+    runs = {name: loop.run(toy_config(tmp_path, tiny_hf_dir, name, "train.steps=2", "checkpoint.every=100", *extra),
+                           log=lambda s: None, reward_fn=reward)
+            for name, extra in [("fsdp", ()), ("sp", ("mesh=mesh/fsdp_sp.yaml",
+                                                      "mesh.shape={data: 1, fsdp: 2, tensor: 1, sequence: 4}"))]}
+    for step in (1, 2):
+        a, b = runs["fsdp"]["metrics"][step], runs["sp"]["metrics"][step]
+        assert a["reward_mean"] == b["reward_mean"] and a["completion_tokens"] == b["completion_tokens"]
+        for key in ("loss", "grad_norm", "entropy", "logprob_gap"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (step, key, a[key], b[key])
+    spec = runs["sp"]["state"].params["layers"]["gate_proj"].sharding.spec
+    assert tuple(spec)[:2] == (None, ("fsdp", "sequence"))
+    for x, y in zip(jax.tree.leaves(runs["fsdp"]["state"].params), jax.tree.leaves(runs["sp"]["state"].params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_with_lag_continues_exactly(tmp_path, tiny_hf_dir):
     """max_lag 1: the rollouts of the next step (already generated and graded) are in the checkpoint."""
     reward = first_token_reward(pick_target(tiny_hf_dir, toy_config(tmp_path, tiny_hf_dir))[0])
