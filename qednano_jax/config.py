@@ -155,6 +155,9 @@ class TrainConfig:
     export_hf: bool = field(True, "export the final params as an HF checkpoint to run_dir/hf")
     peak_flops: float = field(0.0, "per-device peak FLOP/s for the MFU estimate (0 = report none)", ge=0)
     progress: bool = field(True, "show a tqdm progress bar")
+    allow_resume_changes: bool = field(False, "resume a run dir whose saved config differs in keys that are safe to "
+                                       "change (train.steps, logging, checkpoint cadence, service URLs: "
+                                       "train/driver.py RESUME_SAFE); any other change is always refused")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_hosts(run_dir: Path, steps: int, tag: str) -> list[str]:
+def _run_two_hosts(run_dir: Path, steps: int, tag: str, *extra: str) -> list[str]:
     """`python -m qednano_jax.train` as processes 0 and 1 of a 2-process job; returns their outputs."""
     port = _free_port()
     procs, logs = [], []
@@ -37,7 +37,7 @@ def _run_two_hosts(run_dir: Path, steps: int, tag: str) -> list[str]:
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
         log = open(run_dir.parent / f"{tag}.process{i}.log", "w+")
         procs.append(subprocess.Popen([sys.executable, "-m", "qednano_jax.train", *OVERRIDES, f"train.steps={steps}",
-                                       f"train.run_dir={run_dir}"], env=env, cwd=REPO, stdout=log,
+                                       f"train.run_dir={run_dir}", *extra], env=env, cwd=REPO, stdout=log,
                                       stderr=subprocess.STDOUT))
         logs.append(log)
     try:
@@ -117,7 +117,8 @@ def test_two_hosts_match_one_host_and_resume(tmp_path, monkeypatch):
     assert sorted(p.name for p in (ckpt / "4" / "data").glob("process_*.json")) == ["process_0-of-2.json",
                                                                                     "process_1-of-2.json"]
 
-    outs = _run_two_hosts(run_dir, 6, "resume")  # restart both processes: they resume from step 4
+    # restart both processes for 2 more steps: they resume from step 4
+    outs = _run_two_hosts(run_dir, 6, "resume", "train.allow_resume_changes=true")
     for out in outs:
         assert "resumed from" in out and "step 4" in out, out[-2000:]
     got = {}

@@ -28,16 +28,16 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import yaml
 
 from qednano_jax import paths
-from qednano_jax.config import Config, ConfigError, to_dict
+from qednano_jax.config import Config, ConfigError
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
 from qednano_jax.rc import cycle, state as rcs, testtime as tt
 from qednano_jax.reward.grader import GraderStats
 from qednano_jax.rl import loop
 from qednano_jax.rollout.base import Completion, SamplingParams
+from qednano_jax.train import driver
 from qednano_jax.train import metrics as metrics_lib
 from qednano_jax.train import sft
 
@@ -216,14 +216,19 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
     problems_per_step = check_config(cfg)
     if jax.process_count() > 1:
         raise ConfigError("the RC loop runs on one host (one controller); multi-host RL is not built yet")
+    run_dir = paths.resolve(cfg.train.run_dir)
+    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir))
+    try:
+        return _run(cfg, log, reward_fn, run_dir, problems_per_step)
+    finally:
+        lock.release()
+
+
+def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_per_step: int) -> dict:
     from qednano_jax.data.tokenizer import load_tokenizer
     from qednano_jax.rollout import make_rollout
 
     tc, rl, rc = cfg.train, cfg.rl, cfg.rc
-    run_dir = paths.resolve(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
     trainer = loop.RLTrainer(cfg, log=log)
     model_cfg = trainer.model_cfg
     try:
@@ -267,7 +272,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
         return {"step": s, "state": rcs.state_to_json(st), "metrics": m}
 
     buffer = extra.get("rc_buffer")
-    writer = metrics_lib.MetricsWriter(run_dir)
+    writer = metrics_lib.MetricsWriter(run_dir, start_step=start)
     rc_log = paths.AppendFile(run_dir / "rc_states.jsonl")
     bar = None
     if tc.progress:
@@ -276,45 +281,52 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
     log_fn = bar.write if bar is not None else log
     history: dict[int, dict] = {}
     records: list[dict] = []
+    preempted = False
     try:
-        for s in range(start, tc.steps):
-            if buffer is None or buffer["step"] != s:
-                buffer = act(s)
-            st = rcs.state_from_json(buffer["state"])
-            state_prompts, recs = actor.state_prompts(st, s)
-            pipe = loop.RolloutPipeline(rollout, state_prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
-            try:
-                batch = pipe.launch(list(range(len(state_prompts))), s).result()
-            finally:
-                pipe.close()
-            m = dict(buffer["metrics"])
-            m |= loop.rollout_metrics(batch.groups)
-            m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
-            m |= trainer.train_on_groups(batch.groups)
-            m["refit_s"] = trainer.refit(rollout)
-            step = s + 1
-            buffer = act(step) if step < tc.steps else None   # next step's states, with the weights it trains from
-            counters["steps"] += 1
-            counters["completions"] += int(m["completions"])
-            counters["rc_states_trained"] += len(state_prompts)
-            if grader is not None:
-                m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
-            history[step] = m
-            records += recs
-            rc_log.write("".join(json.dumps(r) + "\n" for r in recs))
-            rc_log.flush()
-            if step % tc.log_every == 0 or step == tc.steps:
-                writer.write(step, m)
-                log_fn(loop.format_rl_metrics(step, m))
-            if bar is not None:
-                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
-                bar.update(1)
-            if step == tc.steps or trainer.ckpt.manager.should_save(step):
-                save_extra = {"version": step, "counters": dict(counters), "rc_buffer": buffer,
-                              "data_stats": dataclasses.asdict(data_stats)}
+        with driver.Preemption() as preemption:
+            for s in range(start, tc.steps):
+                if buffer is None or buffer["step"] != s:
+                    buffer = act(s)
+                st = rcs.state_from_json(buffer["state"])
+                state_prompts, recs = actor.state_prompts(st, s)
+                pipe = loop.RolloutPipeline(rollout, state_prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
+                try:
+                    batch = pipe.launch(list(range(len(state_prompts))), s).result()
+                finally:
+                    pipe.close()
+                m = dict(buffer["metrics"])
+                m |= loop.rollout_metrics(batch.groups)
+                m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
+                m |= trainer.train_on_groups(batch.groups)
+                driver.check_finite(s + 1, m, trainer.ckpt.latest_step())  # before any refit or save
+                m["refit_s"] = trainer.refit(rollout)
+                step = s + 1
+                buffer = act(step) if step < tc.steps else None   # next step's states, with the weights it trains from
+                counters["steps"] += 1
+                counters["completions"] += int(m["completions"])
+                counters["rc_states_trained"] += len(state_prompts)
                 if grader is not None:
-                    save_extra["grader_stats"] = dataclasses.asdict(grader.stats)
-                trainer.save(sampler.state(), save_extra, force=step == tc.steps)
+                    m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
+                history[step] = m
+                records += recs
+                rc_log.write("".join(json.dumps(r) + "\n" for r in recs))
+                rc_log.flush()
+                if step % tc.log_every == 0 or step == tc.steps:
+                    writer.write(step, m)
+                    log_fn(loop.format_rl_metrics(step, m))
+                if bar is not None:
+                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
+                    bar.update(1)
+                preempted = preemption.requested()
+                if step == tc.steps or step % cfg.checkpoint.every == 0 or preempted:
+                    save_extra = {"version": step, "counters": dict(counters), "rc_buffer": buffer,
+                                  "data_stats": dataclasses.asdict(data_stats)}
+                    if grader is not None:
+                        save_extra["grader_stats"] = dataclasses.asdict(grader.stats)
+                    trainer.save(sampler.state(), save_extra, force=step == tc.steps or preempted)
+                if preempted:
+                    log_fn(driver.resume_message(step, preemption.signal))
+                    break
     finally:
         if bar is not None:
             bar.close()
@@ -324,8 +336,9 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
         for r in {id(rollout): rollout, id(summarizer): summarizer}.values():
             if hasattr(r, "close"):
                 r.close()
-    if tc.export_hf:
+    if tc.export_hf and not preempted:
         sft.export_hf(cfg, model_cfg, trainer.state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "metrics": history, "run_dir": str(run_dir),
-            "counters": dict(counters), "state": trainer.state, "records": records, "sampler": sampler.state()}
+            "counters": dict(counters), "state": trainer.state, "records": records, "sampler": sampler.state(),
+            "preempted": preempted}
 

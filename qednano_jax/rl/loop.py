@@ -36,16 +36,16 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from qednano_jax import paths, sharding
-from qednano_jax.config import Config, ConfigError, ModelConfig, to_dict
+from qednano_jax.config import Config, ConfigError, ModelConfig
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
 from qednano_jax.reward.grader import GradeResult, Grader, GraderStats, MAX_SCORE
 from qednano_jax.rl import losses
 from qednano_jax.rollout.base import Completion, SamplingParams
 from qednano_jax.train import checkpoint as ckpt_lib
+from qednano_jax.train import driver
 from qednano_jax.train import metrics as metrics_lib
 from qednano_jax.train import optim, sft, step as step_lib
 
@@ -193,11 +193,18 @@ def pack_groups(groups: Sequence[Group], advantages: Sequence[np.ndarray], *, se
     return out
 
 
+def max_micro_batches(samples_per_step: int, micro_batch_rows: int) -> int:
+    """The fixed micro-batch count of every RL step: the packing's worst case (one completion per row)."""
+    return -(-samples_per_step // micro_batch_rows)
+
+
 def build_train_batch(groups: Sequence[Group], loss_cfg, *, seq_len: int, micro_batch_rows: int,
                       samples_per_step: int) -> tuple[dict, dict]:
-    """Groups -> the train step's input: {BATCH_KEYS: [M, micro_batch_rows, seq_len], denominator} (numpy) and
-    packing stats. Token weights and the step denominator follow `loss_cfg.aggregation` (rl.losses); the constant
-    of token-sum-constant is `aggregation_constant`, or `samples_per_step` (SPEC.md §3: 64 x 16 = 1024)."""
+    """Groups -> the train step's input: {BATCH_KEYS: [M, micro_batch_rows, seq_len], valid: [M], denominator}
+    (numpy) and packing stats. M is always `max_micro_batches` (one compiled step whatever the packing gives): the
+    micro-batches after the packed ones are zero rows with valid 0, which the step skips. Token weights and the
+    step denominator follow `loss_cfg.aggregation` (rl.losses); the constant of token-sum-constant is
+    `aggregation_constant`, or `samples_per_step` (SPEC.md §3: 64 x 16 = 1024)."""
     adv = group_advantages(groups, loss_cfg)
     packed = pack_groups(groups, adv, seq_len=seq_len, rows_multiple=micro_batch_rows)
     weights = losses.token_weights(packed["loss_mask"], packed["segment_ids"], loss_cfg.aggregation)
@@ -205,7 +212,13 @@ def build_train_batch(groups: Sequence[Group], loss_cfg, *, seq_len: int, micro_
     denom = losses.denominator(loss_cfg.aggregation, packed["loss_mask"], packed["segment_ids"], constant)
     rows = packed["tokens"].shape[0]
     m = rows // micro_batch_rows
-    batch = {k: (weights if k == "weights" else packed[k]).reshape(m, micro_batch_rows, seq_len) for k in BATCH_KEYS}
+    m_max = max(max_micro_batches(samples_per_step, micro_batch_rows), 1)
+    if m > m_max:
+        raise ValueError(f"{m} micro-batches packed, more than the {m_max} of {samples_per_step} samples per step")
+    pad = lambda x: np.concatenate([x, np.zeros(((m_max - m) * micro_batch_rows, seq_len), x.dtype)])
+    batch = {k: pad(weights if k == "weights" else packed[k]).reshape(m_max, micro_batch_rows, seq_len)
+             for k in BATCH_KEYS}
+    batch["valid"] = (np.arange(m_max) < m).astype(np.int32)
     batch["denominator"] = np.float32(denom)
     stats = {"rows": rows, "micro_batches": m, "tokens": float((packed["segment_ids"] > 0).sum()),
              "completion_tokens": float(packed["loss_mask"].sum()), "fill": float((packed["segment_ids"] > 0).mean())}
@@ -254,7 +267,8 @@ class RLTrainer:
                 f"data-parallel devices of mesh {dict(self.mesh.shape)}: micro-batches are replicated")
             split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.b_sh = {k: split for k in BATCH_KEYS}
-        self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.b_sh["valid"] = self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh,
+                                                                                  jax.sharding.PartitionSpec())
         if cfg.rl.loss.kl_coef:
             raise ConfigError("rl.loss.kl_coef: the RL loop keeps no reference model (SPEC.md §3: kl_coef 0)")
         self.step_fn = step_lib.make_train_step(self.model_cfg, rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
@@ -295,12 +309,14 @@ class RLTrainer:
                                        samples_per_step=rl.prompts_per_step * rl.group_size)
         t0 = time.perf_counter()
         batch = sharding.host_to_global({k: host[k] for k in BATCH_KEYS}, {k: self.b_sh[k] for k in BATCH_KEYS})
-        batch["denominator"] = jax.device_put(host["denominator"], self.b_sh["denominator"])
+        for k in ("valid", "denominator"):
+            batch[k] = jax.device_put(host[k], self.b_sh[k])
         self.state, m = self.step_fn(self.state, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = time.perf_counter() - t0
-        sums = {k: m.pop(k) for k in list(m) if k not in ("loss", "grad_norm", "lr")}
-        out = {**m, **losses.metric_means(sums), **pack, "train_s": dt, "train_tokens_per_s": pack["tokens"] / dt}
+        sums = {k: m.pop(k) for k in list(m) if k not in ("loss", "grad_norm", "lr", "finite")}
+        out = {**m, **losses.metric_means(sums), **pack, "train_s": dt, "train_tokens_per_s": pack["tokens"] / dt,
+               "train_compiles": float(self.step_fn._cache_size())}
         out["loss_tokens"] = out.pop("tokens")
         return out
 
@@ -433,14 +449,19 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
         raise ConfigError(f"stage: the RL loop got stage {cfg.stage!r}")
     if jax.process_count() > 1:
         raise ConfigError("the RL loop runs on one host (one controller); multi-host RL is not built yet")
+    run_dir = paths.resolve(cfg.train.run_dir)
+    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir))
+    try:
+        return _run(cfg, log, reward_fn, run_dir)
+    finally:
+        lock.release()
+
+
+def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, run_dir) -> dict:
     from qednano_jax.data.tokenizer import load_tokenizer
     from qednano_jax.rollout import make_rollout
 
     tc, rl = cfg.train, cfg.rl
-    run_dir = paths.resolve(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
     trainer = RLTrainer(cfg, log=log)
     model_cfg = trainer.model_cfg
     try:
@@ -478,60 +499,68 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
     pipe = RolloutPipeline(rollout, prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
     buffer: collections.deque = collections.deque(_done(Batch.from_json(b)) for b in extra.get("buffer", []))
 
-    writer = metrics_lib.MetricsWriter(run_dir)
+    writer = metrics_lib.MetricsWriter(run_dir, start_step=start)
     bar = None
     if tc.progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=start, desc="rl", unit="step", dynamic_ncols=True)
     log_fn = bar.write if bar is not None else log
     history: dict[int, dict] = {}
+    preempted = False
 
     def launch() -> concurrent.futures.Future:
         positions = sampler.next(rl.prompts_per_step)
         return pipe.launch(positions, sampler.batches - 1)
 
     try:
-        for s in range(start, tc.steps):
-            while len(buffer) < rl.max_lag + 1:
-                buffer.append(launch())
-            batch = buffer.popleft().result()
-            groups, stale = filter_stale(batch.groups, s, rl.max_lag)
-            while not groups:  # every group too old (a generator missed refits): sample afresh with current weights
-                counters["stale_groups"] += stale
-                log_fn(f"step {s + 1}: all {stale} groups of batch {batch.index} were stale; generating a new batch")
-                batch = launch().result()
+        with driver.Preemption() as preemption:
+            for s in range(start, tc.steps):
+                while len(buffer) < rl.max_lag + 1:
+                    buffer.append(launch())
+                batch = buffer.popleft().result()
                 groups, stale = filter_stale(batch.groups, s, rl.max_lag)
-            counters["stale_groups"] += stale
-            m = rollout_metrics(groups)
-            m["stale_groups"] = float(stale)
-            lags = [weight_lag(c, s) for g in groups for c in g.completions]
-            m["weight_lag_mean"] = float(np.mean(lags))
-            m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
-            m |= trainer.train_on_groups(groups)
-            for f in buffer:  # rollouts of later steps finish with the weights they started with
-                f.result()
-            m["refit_s"] = trainer.refit(rollout)
-            counters["steps"] += 1
-            counters["completions"] += int(m["completions"])
-            counters["batches_trained"] += 1
-            step = s + 1
-            if grader is not None:
-                m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
-            m["stale_groups_total"] = float(counters["stale_groups"])
-            history[step] = m
-            if step % tc.log_every == 0 or step == tc.steps:
-                writer.write(step, m)
-                log_fn(format_rl_metrics(step, m))
-            if bar is not None:
-                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
-                bar.update(1)
-            if step == tc.steps or step % cfg.checkpoint.every == 0:
-                save_extra = {"version": step, "counters": dict(counters),
-                              "buffer": [f.result().to_json() for f in buffer],
-                              "data_stats": dataclasses.asdict(data_stats)}
+                while not groups:  # every group too old (a generator missed refits): sample afresh, current weights
+                    counters["stale_groups"] += stale
+                    log_fn(f"step {s + 1}: all {stale} groups of batch {batch.index} were stale; generating a new "
+                           "batch")
+                    batch = launch().result()
+                    groups, stale = filter_stale(batch.groups, s, rl.max_lag)
+                counters["stale_groups"] += stale
+                m = rollout_metrics(groups)
+                m["stale_groups"] = float(stale)
+                lags = [weight_lag(c, s) for g in groups for c in g.completions]
+                m["weight_lag_mean"] = float(np.mean(lags))
+                m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
+                m |= trainer.train_on_groups(groups)
+                driver.check_finite(s + 1, m, trainer.ckpt.latest_step())  # before any refit or save
+                for f in buffer:  # rollouts of later steps finish with the weights they started with
+                    f.result()
+                m["refit_s"] = trainer.refit(rollout)
+                counters["steps"] += 1
+                counters["completions"] += int(m["completions"])
+                counters["batches_trained"] += 1
+                step = s + 1
                 if grader is not None:
-                    save_extra["grader_stats"] = dataclasses.asdict(grader.stats)
-                trainer.save(sampler.state(), save_extra, force=step == tc.steps)
+                    m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
+                m["stale_groups_total"] = float(counters["stale_groups"])
+                history[step] = m
+                if step % tc.log_every == 0 or step == tc.steps:
+                    writer.write(step, m)
+                    log_fn(format_rl_metrics(step, m))
+                if bar is not None:
+                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
+                    bar.update(1)
+                preempted = preemption.requested()
+                if step == tc.steps or step % cfg.checkpoint.every == 0 or preempted:
+                    save_extra = {"version": step, "counters": dict(counters),
+                                  "buffer": [f.result().to_json() for f in buffer],
+                                  "data_stats": dataclasses.asdict(data_stats)}
+                    if grader is not None:
+                        save_extra["grader_stats"] = dataclasses.asdict(grader.stats)
+                    trainer.save(sampler.state(), save_extra, force=step == tc.steps or preempted)
+                if preempted:
+                    log_fn(driver.resume_message(step, preemption.signal))
+                    break
     finally:
         pipe.close()
         if bar is not None:
@@ -540,7 +569,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
         writer.close()
         if hasattr(rollout, "close"):
             rollout.close()
-    if tc.export_hf:
+    if tc.export_hf and not preempted:
         sft.export_hf(cfg, model_cfg, trainer.state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "metrics": history, "run_dir": str(run_dir),
-            "counters": dict(counters), "state": trainer.state, "sampler": sampler.state()}
+            "counters": dict(counters), "state": trainer.state, "sampler": sampler.state(), "preempted": preempted}

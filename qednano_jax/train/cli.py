@@ -26,14 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if cfg.stage == "sft":
-        from qednano_jax.train import sft
-        sft.run(cfg)
-        return 0
-    if cfg.stage == "rc":
-        from qednano_jax.rc import train as rc_train  # SPEC.md §4, on the RL loop's trainer and pipeline
-        rc_train.run(cfg)
-        return 0
-    from qednano_jax.rl import loop  # stage 2: RL with rubric rewards (SPEC.md §3)
-    loop.run(cfg)
-    return 0
+    from qednano_jax.train.driver import NonFinite
+    try:
+        if cfg.stage == "sft":
+            from qednano_jax.train import sft
+            sft.run(cfg)
+        elif cfg.stage == "rc":
+            from qednano_jax.rc import train as rc_train  # SPEC.md §4, on the RL loop's trainer and pipeline
+            rc_train.run(cfg)
+        else:
+            from qednano_jax.rl import loop  # stage 2: RL with rubric rewards (SPEC.md §3)
+            loop.run(cfg)
+    except ConfigError as e:  # found once the run starts (a held run-dir lock, a changed config on resume, ...)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except NonFinite as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0  # finished, or preempted (SIGTERM / SIGINT) with a checkpoint to resume from

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -33,19 +34,27 @@ class MetricsWriter:
     close (tensorboardX writes gs:// and s3:// itself but no other scheme; one way serves every URL).
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, start_step: int = 0):
+        """`start_step`: the step a resumed run restarts after; lines and TensorBoard events of later steps (written
+        by the interrupted run after its last checkpoint) are dropped, so each step is logged once."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         run_dir = paths.resolve(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = paths.AppendFile(run_dir / "metrics.jsonl")
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and _step_of(line) <= start_step and line.endswith("\n")]
+            path.write_text("".join(keep))
+        self.jsonl = paths.AppendFile(path)
         self.tb_dir, self.tb_local = run_dir / "tb", None
         if paths.is_url(run_dir):
             self.tb_local, self.synced = Path(tempfile.mkdtemp(prefix="qednano-tb-")), time.monotonic()
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(self.tb_local or self.tb_dir))
+        # purge_step: TensorBoard discards the earlier events of steps >= it (the interrupted run's tail)
+        self.tb = SummaryWriter(str(self.tb_local or self.tb_dir), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -71,6 +80,13 @@ class MetricsWriter:
             if self.tb_local is not None:
                 self._upload_tb()
                 shutil.rmtree(self.tb_local)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except ValueError:  # a torn last line of a killed run
+        return math.inf
 
 
 def format_metrics(step: int, m: dict) -> str:

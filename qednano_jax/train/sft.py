@@ -16,13 +16,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from qednano_jax import paths, sharding
-from qednano_jax.config import Config, ConfigError, ModelConfig, to_dict
+from qednano_jax.config import Config, ConfigError, ModelConfig
 from qednano_jax.data import sft as sft_data
 from qednano_jax.model import qwen3
 from qednano_jax.train import checkpoint as ckpt_lib
+from qednano_jax.train import driver
 from qednano_jax.train import metrics as metrics_lib
 from qednano_jax.train import optim, step as step_lib
 
@@ -76,8 +76,9 @@ def tokenizer_dir(cfg: Config) -> str | None:
 
 
 def export_hf(cfg: Config, model_cfg: ModelConfig, params, path: os.PathLike, log: Callable) -> None:
+    """HF checkpoint of `params` at `path`, written aside and renamed into place (driver.atomic_export)."""
     from qednano_jax.model.hf import save_hf
-    save_hf(model_cfg, params, str(path), tokenizer_dir=tokenizer_dir(cfg))
+    driver.atomic_export(path, lambda tmp: save_hf(model_cfg, params, str(tmp), tokenizer_dir=tokenizer_dir(cfg)))
     log(f"exported HF checkpoint to {path}")
 
 
@@ -93,11 +94,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if tc.batch_size % tc.micro_batches:
         raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
     run_dir = paths.resolve(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
     mesh, rules = mesh_and_rules(cfg)
+    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=is_main)
+    try:
+        return _run(cfg, log, run_dir, mesh, rules)
+    finally:
+        lock.release()
+
+
+def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules) -> dict:
+    tc = cfg.train
+    is_main = jax.process_index() == 0
+    n_hosts = jax.process_count()
     model_cfg = model_config(cfg)
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
     schedule = optim.schedule(cfg.optim, tc.steps)
@@ -137,7 +145,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
                                           rules=rules, state_sh=st_sh, batch_sh=b_sh)
     count = jax.jit(lambda m: jnp.sum(m.astype(jnp.float32)), out_shardings=b_sh["denominator"])
     flops_per_token = metrics_lib.train_flops_per_token(model_cfg, cfg.data.seq_len)
-    writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main)
+    writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main, start_step=start)
     bar = None
     if is_main and tc.progress:
         from tqdm import tqdm
@@ -148,40 +156,51 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     consumed_log = paths.AppendFile(run_dir / f"consumed.process_{jax.process_index()}.jsonl")
     losses: dict[int, float] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
-    for i in range(start, tc.steps):
-        local = next(data_iter)
-        micro = step_lib.split_micro({k: local[k] for k in keys}, tc.micro_batches)
-        batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
-        batch["denominator"] = count(batch["loss_mask"])
-        state, m = train_step(state, batch)
-        consumed_log.write(json.dumps({"step": i + 1, "ids": sft_data.consumed_ids([local])}) + "\n")
-        consumed_log.flush()
-        tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts
-        step = i + 1
-        if step % tc.log_every == 0 or step == tc.steps:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            now = time.perf_counter()
-            m["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-            if tc.peak_flops > 0:
-                m["mfu"] = m["tokens_per_s"] * flops_per_token / (tc.peak_flops * jax.device_count())
-            t_last, tokens_since = now, 0.0
-            losses[step] = m["loss"]
-            writer.write(step, m)
-            if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            log_fn(metrics_lib.format_metrics(step, m))
+    preempted = False
+    try:
+        with driver.Preemption() as preemption:
+            for i in range(start, tc.steps):
+                local = next(data_iter)
+                micro = step_lib.split_micro({k: local[k] for k in keys}, tc.micro_batches)
+                batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
+                batch["denominator"] = count(batch["loss_mask"])
+                state, m = train_step(state, batch)
+                step = i + 1
+                driver.check_finite(step, {"finite": float(m["finite"]), "loss": float(m["loss"]),
+                                           "grad_norm": float(m["grad_norm"])}, ckpt.latest_step())
+                consumed_log.write(json.dumps({"step": step, "ids": sft_data.consumed_ids([local])}) + "\n")
+                consumed_log.flush()
+                tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts
+                preempted = preemption.requested()
+                if step % tc.log_every == 0 or step == tc.steps or preempted:
+                    m = {k: float(v) for k, v in jax.device_get(m).items()}
+                    now = time.perf_counter()
+                    m["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                    if tc.peak_flops > 0:
+                        m["mfu"] = m["tokens_per_s"] * flops_per_token / (tc.peak_flops * jax.device_count())
+                    t_last, tokens_since = now, 0.0
+                    losses[step] = m["loss"]
+                    writer.write(step, m)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    log_fn(metrics_lib.format_metrics(step, m))
+                if bar is not None:
+                    bar.update(1)
+                saved = ckpt.save(step, state.to_dict(), data_state=data_iter.get_state(),
+                                  extra={"data_stats": dataclasses.asdict(stats)},
+                                  force=step == tc.steps or preempted)
+                if saved and cfg.checkpoint.export_hf_each:
+                    export_hf(cfg, model_cfg, state.params, run_dir / f"hf-step-{step}", log_fn)
+                if preempted:
+                    log_fn(driver.resume_message(step, preemption.signal))
+                    break
+    finally:
         if bar is not None:
-            bar.update(1)
-        saved = ckpt.save(step, state.to_dict(), data_state=data_iter.get_state(),
-                          extra={"data_stats": dataclasses.asdict(stats)}, force=step == tc.steps)
-        if saved and cfg.checkpoint.export_hf_each:
-            export_hf(cfg, model_cfg, state.params, run_dir / f"hf-step-{step}", log_fn)
-    if bar is not None:
-        bar.close()
-    ckpt.close()
-    writer.close()
-    consumed_log.close()
-    if tc.export_hf:
+            bar.close()
+        ckpt.close()
+        writer.close()
+        consumed_log.close()
+    if tc.export_hf and not preempted:
         export_hf(cfg, model_cfg, state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "losses": losses, "data_stats": dataclasses.asdict(stats),
-            "run_dir": str(run_dir), "state": state}
+            "run_dir": str(run_dir), "state": state, "preempted": preempted}

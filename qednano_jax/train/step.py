@@ -109,7 +109,11 @@ def make_train_step(model_cfg: ModelConfig, loss_fn: LossFn, optimizer: optax.Gr
     """jit(step)(state, batch) -> (new state, metrics); the state is donated.
 
     Metrics (replicated fp32 scalars): `loss` = sum of loss_sum / denominator, `grad_norm` (before clipping), `lr`
-    (of this step), and every entry of the loss_fn's metric sums, summed over micro-batches.
+    (of this step), `finite` (1, or 0 when the loss or gradient norm was not finite: then the returned state is the
+    input state, step counter included), and every entry of the loss_fn's metric sums, summed over micro-batches.
+
+    Micro-batches whose `valid` entry is 0 (a batch padded to a fixed micro-batch count, so one program serves
+    every packing) are skipped by `lax.cond`: they cost their transfer, not their compute.
     """
 
     def step_fn(state: TrainState, batch: dict):
@@ -124,26 +128,37 @@ def make_train_step(model_cfg: ModelConfig, loss_fn: LossFn, optimizer: optax.Gr
                 (_, (loss_sum, sums)), g = jax.value_and_grad(f, has_aux=True)(state.params)
                 return jax.tree.map(lambda x: x.astype(jnp.float32), g), loss_sum, sums
 
+            def skipped(mb):
+                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grads_of, mb))
+
             def body(acc, mb):
-                g, loss_sum, sums = grads_of(mb)
+                if "valid" in mb:
+                    valid = mb.pop("valid")
+                    g, loss_sum, sums = jax.lax.cond(valid > 0, grads_of, skipped, mb)
+                else:
+                    g, loss_sum, sums = grads_of(mb)
                 acc = jax.tree.map(jnp.add, acc, g)
                 acc = jax.tree.map(jax.lax.with_sharding_constraint, acc, state_sh.params)
                 return acc, (loss_sum, sums)
 
             if next(iter(micro.values())).shape[0] == 1:  # no accumulation: no fp32 accumulator, no scan
-                grads, loss_sum, sums = grads_of({k: v[0] for k, v in micro.items()})
+                grads, loss_sum, sums = grads_of({k: v[0] for k, v in micro.items() if k != "valid"})
                 loss_sums, sums = loss_sum[None], {k: v[None] for k, v in sums.items()}
             else:
                 zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
                 zeros = jax.tree.map(jax.lax.with_sharding_constraint, zeros, state_sh.params)
                 grads, (loss_sums, sums) = jax.lax.scan(body, zeros, micro)
             grad_norm = optax.tree.norm(grads)
+            loss = jnp.sum(loss_sums) / denom
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
             new = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
                              rng=jax.random.key_data(rng))
-            metrics = {"loss": jnp.sum(loss_sums) / denom, "grad_norm": grad_norm,
+            # the non-finite guard (train/driver.py): a NaN / inf loss or gradient leaves the state as it was
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+            metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
                        "lr": jnp.asarray(lr_schedule(state.step), jnp.float32)}
             metrics.update({k: jnp.sum(v).astype(jnp.float32) for k, v in sums.items()})
             return new, metrics

@@ -46,7 +46,11 @@ def test_pack_groups_aligns_logprobs_advantages_and_mask():
     np.testing.assert_allclose(p["old_logprobs"], [[0, 0, -0.1, -0.2, 0, -1, -2, -3], [0, 0, -0.3, 0, -4, 0, 0, 0]])
     np.testing.assert_allclose(p["advantages"], [[0, 0, .5, .5, 0, -.25, -.25, -.25], [0, 0, -.5, 0, .25, 0, 0, 0]])
     batch, stats = loop.build_train_batch([g1, g2], cfg, seq_len=8, micro_batch_rows=1, samples_per_step=1024)
-    assert batch["tokens"].shape == (2, 1, 8) and float(batch["denominator"]) == 1024.0
+    # padded to the fixed count of 1024 samples / 1 row: the 2 packed micro-batches are the valid ones
+    assert batch["tokens"].shape == (1024, 1, 8) and float(batch["denominator"]) == 1024.0
+    np.testing.assert_array_equal(batch["valid"], [1, 1] + [0] * 1022)
+    np.testing.assert_array_equal(batch["tokens"][:2, 0], p["tokens"])
+    assert not batch["tokens"][2:].any() and not batch["weights"][2:].any()
     assert stats["completion_tokens"] == 7 and stats["tokens"] == 13
     with pytest.raises(ValueError, match="group 0 completion 0: prompt 3 \\+ completion 2 tokens do not fit"):
         loop.pack_groups([g1, g2], adv, seq_len=3)
@@ -142,7 +146,8 @@ def test_resume_with_lag_continues_exactly(tmp_path, tiny_hf_dir):
     ck.close()
     assert len(extra["buffer"]) == 1 and extra["buffer"][0]["index"] == 2
     assert {c["weight_version"] for g in extra["buffer"][0]["groups"] for c in g["completions"]} == {"1"}
-    resumed = loop.run(toy_config(tmp_path, tiny_hf_dir, "cut", "train.steps=3", "rl.max_lag=1"),
+    resumed = loop.run(toy_config(tmp_path, tiny_hf_dir, "cut", "train.steps=3", "rl.max_lag=1",
+                                  "train.allow_resume_changes=true"),
                        log=lambda s: None, reward_fn=reward)
     assert resumed["start_step"] == 2 and resumed["sampler"] == full["sampler"]
     assert resumed["metrics"][3]["reward_mean"] == full["metrics"][3]["reward_mean"]
@@ -204,3 +209,82 @@ def test_native_random_judge_grades_closed_proofs(tmp_path, tiny_hf_dir):
     assert m["grader_total_calls"] + m["grader_total_empty"] == 16
     assert m["grader_total_failures"] == 0
     assert m["grader_no_score"] + m["grader_empty_proof"] + m["score7_frac"] * 16 <= 16
+
+
+# ----------------------------------------------------------------------------------------------- run driver
+
+def test_sigterm_mid_run_saves_that_step_and_resumes_like_an_uninterrupted_run(tmp_path, tiny_hf_dir):
+    """A SIGTERM arriving during step 2 (while the rollouts of step 3 are graded: rl.max_lag 1): step 2 finishes, is
+    checkpointed (checkpoint.every is 100), the run returns `preempted`; the same config then resumes at step 2 and
+    ends where an uninterrupted run does, each step in metrics.jsonl once."""
+    import os
+    import signal
+    reward = first_token_reward(pick_target(tiny_hf_dir, toy_config(tmp_path, tiny_hf_dir))[0])
+    calls = []
+
+    def signalled(items):
+        calls.append(1)
+        if len(calls) == 3:  # the grading of step 3's rollouts, which runs while step 2 trains
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reward(items)
+
+    args = ("train.steps=4", "checkpoint.every=100", "rl.max_lag=1")
+    full = loop.run(toy_config(tmp_path, tiny_hf_dir, "full", *args), log=lambda s: None, reward_fn=reward)
+    cut = loop.run(toy_config(tmp_path, tiny_hf_dir, "cut", *args), log=lambda s: None, reward_fn=signalled)
+    assert cut["preempted"] and sorted(cut["metrics"]) == [1, 2]
+    ck = ckpt_lib.Checkpointer(tmp_path / "cut" / "checkpoints", every=1, keep=3)
+    assert list(ck.manager.all_steps()) == [2]
+    ck.close()
+    assert not (tmp_path / "cut" / "hf").exists()  # no final export of an unfinished run
+    resumed = loop.run(toy_config(tmp_path, tiny_hf_dir, "cut", *args), log=lambda s: None, reward_fn=reward)
+    assert resumed["start_step"] == 2 and not resumed["preempted"]
+    for s in (3, 4):
+        assert resumed["metrics"][s]["loss"] == full["metrics"][s]["loss"]
+    for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_the_run_before_the_update_is_saved(tmp_path, tiny_hf_dir):
+    """A NaN reward at step 3 makes the loss NaN: the run stops naming step 3; the update is not applied or saved,
+    so the newest checkpoint is step 2's."""
+    from qednano_jax.train.driver import NonFinite
+    reward = first_token_reward(pick_target(tiny_hf_dir, toy_config(tmp_path, tiny_hf_dir))[0])
+    calls = []
+
+    def poisoned(items):
+        calls.append(1)
+        out = reward(items)
+        if len(calls) == 3:
+            out[0] = GradeResult(score=7, reward=float("nan"))
+        return out
+
+    with pytest.raises(NonFinite, match=r"step 3: non-finite loss .* checkpoint \(step 2\) is the last good one"):
+        loop.run(toy_config(tmp_path, tiny_hf_dir, "nan", "train.steps=4"), log=lambda s: None, reward_fn=poisoned)
+    ck = ckpt_lib.Checkpointer(tmp_path / "nan" / "checkpoints", every=1, keep=3)
+    assert ck.latest_step() == 2
+    ck.close()
+    assert not (tmp_path / "nan" / ".lock").exists()
+
+
+def test_train_step_compiles_once_whatever_the_packing(tmp_path, tiny_hf_dir):
+    """Steps whose completions pack into 1, 3 and 2 micro-batches run one compiled program (fixed micro-batch
+    count, the unused ones skipped) and train on what they hold."""
+    cfg = toy_config(tmp_path, tiny_hf_dir, "compile", "rl.micro_batch_rows=1", "data.seq_len=40")
+    trainer = loop.RLTrainer(cfg, log=lambda s: None)
+    trainer.init_or_restore()
+    prompt = [3, 4, 5, 6]  # a sequence of n completion tokens fills 3 + n of a row's 40
+
+    def groups(lengths):
+        return [loop.Group(prompt_ids=prompt, completions=[comp(range(30 + i, 30 + i + n), [-1.0] * n)
+                                                           for i, n in enumerate(lengths)],
+                           rewards=[float(i % 2) for i in range(len(lengths))])]
+
+    seen = []
+    for lengths in ([2] * 8, [36, 36] + [2] * 6, [19, 19] + [2] * 6):  # 1, 3 and 2 rows
+        m = trainer.train_on_groups(groups(lengths))
+        seen.append((m["micro_batches"], m["train_compiles"]))
+        assert m["finite"] == 1.0 and m["grad_norm"] > 0
+    trainer.close()
+    assert [s[0] for s in seen] == [1, 3, 2] and all(s[1] == 1 for s in seen), seen

@@ -49,13 +49,54 @@ def _last_per_step(path: Path, key: str) -> dict:
     return out
 
 
-def test_sigkill_resume_is_bit_exact(tiny_setup):
+@pytest.fixture(scope="module")
+def reference(tiny_setup):
+    """The uninterrupted 24-step run: its per-step losses."""
     d, args = tiny_setup
     ref = _cli(args, d / "ref")
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
     ref_loss = _last_per_step(d / "ref" / "metrics.jsonl", "loss")
     assert sorted(ref_loss) == list(range(1, 25))
+    return ref_loss
+
+
+def _steps_logged(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_sigterm_saves_the_step_exits_0_and_resumes_exactly(tiny_setup, reference):
+    """SIGTERM (how a spot TPU VM is stopped) mid-run: the step finishes, a checkpoint of it is saved, exit 0 with
+    how to resume; the same command then continues, every step logged once, losses equal to the uninterrupted run."""
+    d, args = tiny_setup
+    run = d / "term"
+    victim = _cli(args, run)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            victim.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = victim.communicate(timeout=600)
+    assert victim.returncode == 0, out
+    last = _steps_logged(metrics)[-1]
+    assert last < 24 and f"SIGTERM: stopped after step {last} with a checkpoint at step {last}" in out
+    assert "re-run the same command to resume" in out
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == last  # saved at the step it stopped on, not at the last multiple of checkpoint.every
+    assert not (run / ".lock").exists()
+    again = _cli(args, run)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert f"step {last}" in out and "resumed from" in out
+    assert _steps_logged(metrics) == list(range(1, 25))
+    assert _last_per_step(metrics, "loss") == reference
+
+
+def test_sigkill_resume_is_bit_exact(tiny_setup, reference):
+    d, args = tiny_setup
+    ref_loss = reference
 
     victim = _cli(args, d / "run")
     metrics = d / "run" / "metrics.jsonl"
@@ -75,6 +116,7 @@ def test_sigkill_resume_is_bit_exact(tiny_setup):
     assert "resumed from" in out
     loss = _last_per_step(metrics, "loss")
     assert loss == ref_loss  # every step, bit for bit (floats round-trip exactly through JSON)
+    assert _steps_logged(metrics) == list(range(1, 25))  # the killed run's steps after its checkpoint: once
 
     ids = _last_per_step(d / "run" / "consumed.process_0.jsonl", "ids")
     assert ids == _last_per_step(d / "ref" / "consumed.process_0.jsonl", "ids")
