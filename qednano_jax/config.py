@@ -218,6 +218,9 @@ class RolloutConfig:
     refit_dir: str = field("runs/refit", "sglang: directory for exported weights (must be readable by the servers); "
                            "each refit writes refit_dir/weights-<version> atomically")
     keep_last: int = field(2, "sglang: exported weight directories kept (older ones are deleted)", ge=1)
+    export_dtype: str = field("params", "sglang: dtype of the refit export: the servers' dtype (`bfloat16` for the "
+                              "4B configs: half the bytes of fp32 params), or `params` (the params' own dtype)",
+                              choices=("params", "bfloat16", "float16", "float32"))
     max_batch: int = field(64, "native: rows decoded together (larger requests run in chunks)", ge=1)
     seed: int = field(0, "native: seed of the per-call seeds drawn when SamplingParams.seed is None", ge=0)
 

@@ -32,9 +32,9 @@ def version_dir(refit_dir: str | os.PathLike, version: str) -> Path:
 
 
 def export_version(cfg: ModelConfig, params: Any, refit_dir: str | os.PathLike, version: str,
-                   keep_last: int = 2) -> tuple[Path, float]:
-    """Write `params` as an HF checkpoint to refit_dir/weights-<version> atomically; keep the newest `keep_last`
-    exports. Returns (directory, seconds)."""
+                   keep_last: int = 2, dtype: str | None = None) -> tuple[Path, float]:
+    """Write `params` as an HF checkpoint to refit_dir/weights-<version> atomically, in `dtype` (None: the params'
+    own); keep the newest `keep_last` exports. Returns (directory, seconds)."""
     from qednano_jax.model.hf import save_hf
 
     t0 = time.perf_counter()
@@ -42,7 +42,7 @@ def export_version(cfg: ModelConfig, params: Any, refit_dir: str | os.PathLike, 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(cfg, params, tmp)
+    save_hf(cfg, params, tmp, dtype=dtype)
     if final.exists():  # re-export of the same version: move the old one aside first, then drop it
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)

@@ -119,8 +119,9 @@ class SGLangRollout:
         """Export `params` to refit_dir/weights-<version>, load it on every server, verify the version."""
         if self.model_cfg is None:
             raise ValueError("SGLangRollout.refit needs model_cfg (pass it to the constructor / make_rollout)")
+        dtype = None if self.cfg.export_dtype == "params" else self.cfg.export_dtype
         path, export_s = refit_lib.export_version(self.model_cfg, params, self.cfg.refit_dir, version,
-                                                  self.cfg.keep_last)
+                                                  self.cfg.keep_last, dtype=dtype)
         t0 = time.perf_counter()
         if not self._gated:  # first use: wait for the servers as generate does
             self.wait_healthy()

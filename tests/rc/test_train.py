@@ -198,3 +198,32 @@ def test_rc_actor_jitted_and_host_loops_agree(tiny_hf_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(getattr(states[0], name)), np.asarray(getattr(states[1], name)))
     assert np.asarray(states[0].problem).tolist() == [2, 0] and np.asarray(states[0].done).all()
     assert np.asarray(states[0].history_len)[:, 1:].sum() > 0     # summaries flowed between the turns
+
+
+@pytest.mark.slow
+def test_cli_sigterm_saves_that_step_exits_0_and_resumes_exactly(tiny_hf_dir, tmp_path):
+    """SIGTERM to a running RC job: the step it is in finishes and is checkpointed (checkpoint.every is 100), exit 0
+    naming how to resume; the same command resumes and ends with the uninterrupted run's metrics, each step once."""
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    args = lambda d: tiny_overrides(tiny_hf_dir, d) + ["checkpoint.every=100"]
+    ref = _cli(args(ref_dir), tmp_path / "ref.log")
+    run = _cli(args(run_dir), tmp_path / "run.log")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 900
+    while not (metrics.exists() and metrics.read_text().strip()) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    stopped = max(_metrics(run_dir))
+    assert stopped < 3 and f"SIGTERM: stopped after step {stopped}" in (tmp_path / "run.log").read_text()
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [stopped]
+    resumed = _cli(args(run_dir), tmp_path / "resume.log")
+    assert resumed.wait(timeout=900) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert ref.wait(timeout=900) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    mw, mg = _metrics(ref_dir), _metrics(run_dir)
+    for step in (1, 2, 3):
+        for k in ("loss", "reward_mean", "grad_norm", "rc_summary_len_mean"):
+            assert mg[step][k] == mw[step][k], (step, k)

@@ -182,3 +182,18 @@ def test_update_that_does_not_take_is_an_error(standin, tmp_path):
     failing = standin(lambda i, b: (400, {"success": False, "message": "bad shapes"}))
     with pytest.raises(RolloutError, match="update_weights_from_disk.*HTTP 400: bad shapes"):
         update_from_disk(requests.Session(), failing.url, tmp_path, "v9", timeout=5)
+
+
+def test_bf16_export_writes_half_the_bytes_and_rounds_like_jax(tmp_path):
+    """rollout.export_dtype bfloat16 (the 4B configs): the weight files are half the fp32 export and hold the
+    params rounded to bf16."""
+    params = qwen3.init_params(CFG, jax.random.key(1))
+    p32, _ = export_version(CFG, params, tmp_path / "a", "1")
+    p16, _ = export_version(CFG, params, tmp_path / "b", "1", dtype="bfloat16")
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    assert abs(size(p16) / size(p32) - 0.5) < 0.01
+    cfg16, loaded = load_hf(p16)
+    assert cfg16.param_dtype == "bfloat16"
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                                            np.asarray(b.astype(jax.numpy.bfloat16), np.float32)),
+                 loaded, params)
