@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from qednano_jax import paths
+from qednano_jax import paths, sharding
 from qednano_jax.config import Config, ConfigError
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
@@ -214,10 +214,8 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.Rewa
     """Train (or resume) stage 3 per `cfg` (see module doc). `reward_fn` replaces the configured grader (tests).
     Returns {start_step, steps, metrics: {step: {...}}, run_dir, counters, state, records}."""
     problems_per_step = check_config(cfg)
-    if jax.process_count() > 1:
-        raise ConfigError("the RC loop runs on one host (one controller); multi-host RL is not built yet")
     run_dir = paths.resolve(cfg.train.run_dir)
-    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir))
+    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=jax.process_index() == 0)
     try:
         return _run(cfg, log, reward_fn, run_dir, problems_per_step)
     finally:
@@ -231,6 +229,9 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
     tc, rl, rc = cfg.train, cfg.rl, cfg.rc
     trainer = loop.RLTrainer(cfg, log=log)
     model_cfg = trainer.model_cfg
+    if jax.process_index() != 0:  # multi-host: process 0 runs the RC actor and the rollouts (rl.loop.follow)
+        trainer.init_or_restore()
+        return loop.follow(cfg, trainer, log)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except Exception as e:
@@ -250,12 +251,16 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
         reward_fn, grader = loop.make_reward_fn(cfg, model_cfg, tokenizer, log)
         if "grader_stats" in extra:
             grader.stats = GraderStats(**extra["grader_stats"])
-    placed = loop.detached(trainer.state.params) if cfg.rollout.backend == "native" else None
-    rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=trainer.mesh, rules=trainer.rules,
-                           version=str(start))
+    placed, r_mesh, r_rules = trainer.rollout_placement() if cfg.rollout.backend == "native" else (None, None, None)
+    rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=r_mesh, rules=r_rules, version=str(start))
     if cfg.rollout.backend != "native":
         trainer.refit(rollout)
-    summarizer, summarizer_tok = make_summarizer(cfg, rollout, tokenizer, trainer.mesh, trainer.rules)
+    if jax.process_count() > 1:  # a native summarizer lives on process 0's own devices, like the policy's engine
+        r_mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+        r_rules = sharding.RULE_SETS["dp"]
+    elif r_mesh is None:
+        r_mesh, r_rules = trainer.mesh, trainer.rules
+    summarizer, summarizer_tok = make_summarizer(cfg, rollout, tokenizer, r_mesh, r_rules)
     use_jit = rc.loop == "jit" or (rc.loop == "auto" and cfg.rollout.backend == "native"
                                    and rc.summarizer in ("policy", "native"))
     actor = RCActor(cfg, rollout, summarizer, tokenizer, summarizer_tok, prompts, reward_fn, use_jit, log)

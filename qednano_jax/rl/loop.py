@@ -299,31 +299,87 @@ class RLTrainer:
         self.log(f"resumed from {self.ckpt.directory} step {start}")
         return data_state, extra
 
+    def host_batch(self, groups: Sequence[Group]) -> tuple[dict, dict]:
+        """The step's packed numpy batch and packing stats (build_train_batch with this config's numbers)."""
+        rl = self.cfg.rl
+        return build_train_batch(groups, rl.loss, seq_len=self.cfg.data.seq_len, micro_batch_rows=rl.micro_batch_rows,
+                                 samples_per_step=rl.prompts_per_step * rl.group_size)
+
+    def empty_batch(self) -> dict:
+        """Zeros shaped and typed like every `host_batch` (what the other hosts pass to the broadcast)."""
+        rl = self.cfg.rl
+        m = max(max_micro_batches(rl.prompts_per_step * rl.group_size, rl.micro_batch_rows), 1)
+        shape = (m, rl.micro_batch_rows, self.cfg.data.seq_len)
+        floats = ("weights", "old_logprobs", "advantages")
+        out = {k: np.zeros(shape, np.float32 if k in floats else np.int32) for k in BATCH_KEYS}
+        return out | {"valid": np.zeros((m,), np.int32), "denominator": np.float32(0)}
+
     def train_on_groups(self, groups: Sequence[Group]) -> dict:
         """One optimizer step on `groups` (advantages -> packing -> accumulated step); returns float metrics: loss,
         grad_norm, lr, per-token means of the rl_loss metrics (clip_fraction, entropy, logprob_gap = mean
         |logp_new - logp_old| before the update, ratio, ...), packing stats and train_tokens_per_s."""
-        rl = self.cfg.rl
-        host, pack = build_train_batch(groups, rl.loss, seq_len=self.cfg.data.seq_len,
-                                       micro_batch_rows=rl.micro_batch_rows,
-                                       samples_per_step=rl.prompts_per_step * rl.group_size)
+        return self.train_on_batch(*self.host_batch(groups))
+
+    def train_on_batch(self, host: dict | None, pack: dict | None = None) -> dict:
+        """One optimizer step on a packed host batch. Multi-host: process 0 holds the batch (its rollouts) and
+        broadcasts it; the other processes pass None. Every process then places its shards of the global arrays."""
+        pack = pack or {}
         t0 = time.perf_counter()
-        batch = sharding.host_to_global({k: host[k] for k in BATCH_KEYS}, {k: self.b_sh[k] for k in BATCH_KEYS})
-        for k in ("valid", "denominator"):
-            batch[k] = jax.device_put(host[k], self.b_sh[k])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            host = multihost_utils.broadcast_one_to_all(host if jax.process_index() == 0 else self.empty_batch())
+            host = {k: np.asarray(v) for k, v in host.items()}
+            batch = {k: jax.make_array_from_callback(v.shape, self.b_sh[k], lambda idx, v=v: v[idx])
+                     for k, v in host.items()}
+        else:
+            batch = sharding.host_to_global({k: host[k] for k in BATCH_KEYS}, {k: self.b_sh[k] for k in BATCH_KEYS})
+            for k in ("valid", "denominator"):
+                batch[k] = jax.device_put(host[k], self.b_sh[k])
         self.state, m = self.step_fn(self.state, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = time.perf_counter() - t0
         sums = {k: m.pop(k) for k in list(m) if k not in ("loss", "grad_norm", "lr", "finite")}
-        out = {**m, **losses.metric_means(sums), **pack, "train_s": dt, "train_tokens_per_s": pack["tokens"] / dt,
-               "train_compiles": float(self.step_fn._cache_size())}
+        out = {**m, **losses.metric_means(sums), **pack, "train_s": dt,
+               "train_tokens_per_s": pack.get("tokens", 0.0) / dt, "train_compiles": float(self.step_fn._cache_size())}
         out["loss_tokens"] = out.pop("tokens")
         return out
 
+    def host_params(self):
+        """The params as numpy arrays on this host (gathered from every host: a collective)."""
+        from jax.experimental import multihost_utils
+        return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), self.state.params)
+
     def refit(self, rollout) -> float:
-        """Push the current params to the rollout backend as weight version `self.version`; returns seconds."""
-        params = detached(self.state.params) if self.cfg.rollout.backend == "native" else self.state.params
-        return rollout.refit(params, str(self.version)).total_s
+        """Push the current params to the rollout backend as weight version `self.version`; returns seconds.
+
+        Multi-host: every process calls this (the params are gathered from all hosts); only process 0 holds a
+        rollout backend (the others pass None): the native engine gets the gathered params on process 0's own
+        devices, an SGLang export is written by process 0 (refit.export_version) and the servers updated by it."""
+        t0 = time.perf_counter()
+        native = self.cfg.rollout.backend == "native"
+        if jax.process_count() == 1:
+            params = detached(self.state.params) if native else self.state.params
+            return rollout.refit(params, str(self.version)).total_s
+        if native:
+            params = self.host_params()
+            if rollout is not None:
+                rollout.refit(params, str(self.version))
+        elif rollout is not None:
+            rollout.refit(self.state.params, str(self.version))
+        else:
+            from qednano_jax.rollout import refit as refit_lib
+            rc = self.cfg.rollout
+            refit_lib.export_version(self.model_cfg, self.state.params, rc.refit_dir, str(self.version), rc.keep_last,
+                                     dtype=None if rc.export_dtype == "params" else rc.export_dtype)
+        return time.perf_counter() - t0
+
+    def rollout_placement(self) -> tuple[Any, Any, Any]:
+        """(params, mesh, rules) for a native engine: the trainer's own sharded copy and mesh on one host; on a pod,
+        the gathered params on process 0's local devices, data parallel (the engine never spans hosts)."""
+        if jax.process_count() == 1:
+            return detached(self.state.params), self.mesh, self.rules
+        local = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+        return self.host_params(), local, sharding.RULE_SETS["dp"]
 
     def save(self, data_state: Any, extra: dict, force: bool = False) -> bool:
         return self.ckpt.save(self.version, self.state.to_dict(), data_state=data_state, extra=extra, force=force)
@@ -442,15 +498,47 @@ def make_reward_fn(cfg: Config, model_cfg: ModelConfig, tokenizer, log) -> tuple
     return grader_reward_fn(grader), grader
 
 
+def follow(cfg: Config, trainer: RLTrainer, log: Callable[[str], None]) -> dict:
+    """The loop of processes 1..n-1 of a multi-host RL or RC run (DESIGN.md principle 6: multi-controller JAX).
+
+    Process 0 alone talks to the rollout servers (or runs the native engine on its own devices) and the grader,
+    samples prompts, packs each step's batch and writes metrics; every process trains its shards of the step.
+    So this loop issues exactly the collectives of process 0's loop, in its order: the engine's first placement or
+    the servers' first refit, then per step the batch broadcast and train step (RLTrainer.train_on_batch), the
+    refit's gathers, the preemption vote, the checkpoint save; at the end the HF export's gathers."""
+    tc = cfg.train
+    start = trainer.version
+    if cfg.rollout.backend == "native":
+        trainer.rollout_placement()
+    else:
+        trainer.refit(None)
+    preempted = False
+    try:
+        with driver.Preemption() as preemption:
+            for s in range(start, tc.steps):
+                m = trainer.train_on_batch(None)
+                driver.check_finite(s + 1, m, trainer.ckpt.latest_step())
+                trainer.refit(None)
+                step = s + 1
+                preempted = preemption.requested()
+                if step == tc.steps or step % cfg.checkpoint.every == 0 or preempted:
+                    trainer.save(None, {}, force=step == tc.steps or preempted)
+                if preempted:
+                    break
+    finally:
+        trainer.close()
+    if tc.export_hf and not preempted:
+        sft.export_hf(cfg, trainer.model_cfg, trainer.state.params, paths.resolve(tc.run_dir) / "hf", log)
+    return {"start_step": start, "steps": tc.steps, "metrics": {}, "state": trainer.state, "preempted": preempted}
+
+
 def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn | None = None) -> dict:
     """Train (or resume) stage 2 per `cfg`. `reward_fn` replaces the configured grader (e.g. a programmatic reward
     in tests). Returns {start_step, steps, metrics: {step: {...}}, run_dir, counters, state}."""
     if cfg.stage != "rl":
         raise ConfigError(f"stage: the RL loop got stage {cfg.stage!r}")
-    if jax.process_count() > 1:
-        raise ConfigError("the RL loop runs on one host (one controller); multi-host RL is not built yet")
     run_dir = paths.resolve(cfg.train.run_dir)
-    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir))
+    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=jax.process_index() == 0)
     try:
         return _run(cfg, log, reward_fn, run_dir)
     finally:
@@ -464,6 +552,9 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, ru
     tc, rl = cfg.train, cfg.rl
     trainer = RLTrainer(cfg, log=log)
     model_cfg = trainer.model_cfg
+    if jax.process_index() != 0:
+        trainer.init_or_restore()
+        return follow(cfg, trainer, log)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except Exception as e:
@@ -488,9 +579,8 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, ru
         reward_fn, grader = make_reward_fn(cfg, model_cfg, tokenizer, log)
         if "grader_stats" in extra:
             grader.stats = GraderStats(**extra["grader_stats"])
-    placed = detached(trainer.state.params) if cfg.rollout.backend == "native" else None
-    rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=trainer.mesh, rules=trainer.rules,
-                           version=str(start))
+    placed, r_mesh, r_rules = trainer.rollout_placement() if cfg.rollout.backend == "native" else (None, None, None)
+    rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=r_mesh, rules=r_rules, version=str(start))
     if cfg.rollout.backend != "native":  # the servers hold weights of unknown age: push ours first
         t0 = time.perf_counter()
         trainer.refit(rollout)

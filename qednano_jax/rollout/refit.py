@@ -34,11 +34,16 @@ def version_dir(refit_dir: str | os.PathLike, version: str) -> Path:
 def export_version(cfg: ModelConfig, params: Any, refit_dir: str | os.PathLike, version: str,
                    keep_last: int = 2, dtype: str | None = None) -> tuple[Path, float]:
     """Write `params` as an HF checkpoint to refit_dir/weights-<version> atomically, in `dtype` (None: the params'
-    own); keep the newest `keep_last` exports. Returns (directory, seconds)."""
+    own); keep the newest `keep_last` exports. Returns (directory, seconds). Multi-host: every process calls it
+    (each tensor is gathered from all hosts); process 0 writes."""
     from qednano_jax.model.hf import save_hf
 
+    import jax
     t0 = time.perf_counter()
     final = version_dir(refit_dir, version)
+    if jax.process_index() != 0:  # multi-host: every process takes part in the gathers, process 0 writes
+        save_hf(cfg, params, final.parent / f".tmp-{final.name}-process-{jax.process_index()}", dtype=dtype)
+        return final, time.perf_counter() - t0
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

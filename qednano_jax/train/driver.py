@@ -233,10 +233,15 @@ def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
 
 def atomic_export(path, write: Callable[[Any], None]) -> None:
     """write(tmp) into a temporary sibling of `path`, then swap it into place: a crash leaves the previous complete
-    export (or none), never a partial one. On an object store (gs://) there is no rename: written in place."""
+    export (or none), never a partial one. On an object store (gs://) there is no rename: written in place. In a
+    multi-host run every process calls this (the export gathers each tensor); only process 0 writes and renames."""
+    import jax
     path = paths.resolve(path)
     if paths.is_url(path):
         write(path)
+        return
+    if jax.process_index() != 0:  # the other hosts only take part in the gathers (save_hf: process 0 writes)
+        write(path.with_name(f".{path.name}.tmp-process-{jax.process_index()}"))
         return
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed export (the run dir is locked)
         shutil.rmtree(stale, ignore_errors=True)
