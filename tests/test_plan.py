@@ -190,7 +190,8 @@ def test_micro_batches_scale_flops_and_add_the_accumulator():
                                   plan_lib.load_tpu("v5p")) for m in (1, 2))
     assert two["flops"]["hlo_matmul"] == 2 * one["flops"]["hlo_matmul"]
     assert two["estimate"]["tokens_per_step"] == 2 * one["estimate"]["tokens_per_step"]
-    assert two["bytes"]["temp"] - one["bytes"]["temp"] >= one["bytes"]["grads"]
+    # the accumulator (one fp32 gradient-sized buffer), less a little buffer reuse the compiler finds around it
+    assert two["bytes"]["temp"] - one["bytes"]["temp"] >= 0.95 * one["bytes"]["grads"]
 
 
 def test_hbm_traffic_of_slices_and_in_place_updates():

@@ -78,7 +78,8 @@ def test_run_dir_on_gcs(gcs, tmp_path):
 
     # the same command again resumes from the bucket's step-2 checkpoint (nothing left to train): the restored
     # state is the saved one, and the logs it reopened keep their lines
-    again = sft.run(load_config(None, args + ["train.export_hf=false"]), log=lambda _: None)
+    again = sft.run(load_config(None, args + ["train.export_hf=false", "train.allow_resume_changes=true"]),
+                    log=lambda _: None)
     assert again["start_step"] == 2 and again["losses"] == {}
     for a, b in zip(jax.tree.leaves(again["state"].to_dict()), jax.tree.leaves(ref["state"].to_dict())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
