@@ -199,3 +199,32 @@ def test_two_host_rl_and_rc_match_one_host_and_resume_after_sigkill(tmp_path, st
     for s in (1, 2):
         for k in ("loss", "grad_norm", "reward_mean", "completion_len_mean"):
             assert abs(two[s][k] - one[s][k]) <= 1e-5 * max(1.0, abs(one[s][k])), (s, k, one[s][k], two[s][k])
+
+
+@pytest.mark.slow
+def test_two_host_rl_over_http_serve_matches_one_host(tmp_path, tiny_hf_dir, native_server):
+    """The RL loop with `python -m qednano_jax.serve` as the rollout backend: on 2 processes, process 0 talks to
+    the server and both take part in each refit's export (process 0 writes it); per-step loss and grad norm equal one
+    8-device process's. The server is put back on its own checkpoint afterwards."""
+    import requests
+
+    from qednano_jax.rollout.refit import update_from_disk
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"problem": f"Show {i} < {i + 1}.", "rubrics": "7 pts: a proof."}) + "\n"
+                            for i in range(4)))
+    extra = [f"train.init={tiny_hf_dir}", f"data.tokenizer={tiny_hf_dir}", f"data.path={rows}", "data.seq_len=128",
+             "rollout.backend=sglang", f"rollout.urls=[{native_server.url}]", "rollout.health_timeout=60",
+             "grader.max_tokens=4"]
+    try:
+        _train("configs/rl-tiny.yaml", tmp_path / "one", 1, "one", *extra, f"rollout.refit_dir={tmp_path / 'r1'}")
+        _train("configs/rl-tiny.yaml", tmp_path / "two", 2, "two", *extra, f"rollout.refit_dir={tmp_path / 'r2'}")
+    finally:
+        update_from_disk(requests.Session(), native_server.url, tiny_hf_dir, "default", timeout=120)
+    one, two = _per_step(tmp_path / "one"), _per_step(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2]
+    for s in (1, 2):
+        for k in ("loss", "grad_norm", "reward_mean", "completion_len_mean"):
+            assert abs(two[s][k] - one[s][k]) <= 1e-5 * max(1.0, abs(one[s][k])), (s, k, one[s][k], two[s][k])
+    # the refit exports of the 2-process run: written once (by process 0), one per weight version, loadable
+    exported = sorted(p.name for p in (tmp_path / "r2").iterdir())
+    assert exported == ["weights-1", "weights-2"], exported
