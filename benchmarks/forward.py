@@ -22,6 +22,7 @@ from transformers import Qwen3ForCausalLM
 
 from qednano_jax.config import ModelConfig, apply_overrides, from_dict, load_yaml
 from qednano_jax.model import hf, qwen3
+import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 
 def _time_interleaved(fns: dict, repeats: int, warmup: int) -> tuple[dict, dict, dict]:
@@ -88,4 +89,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    watch = machine.Watch()  # CPU, load and other processes' CPU share before and after: run on a quiet machine
     main()
+    watch.done()

@@ -32,6 +32,7 @@ from qednano_jax.model import qwen3
 from qednano_jax.rc import cycle, state as rcs, testtime as tt
 from qednano_jax.rollout.base import SamplingParams
 from qednano_jax.rollout.native import NativeRollout
+import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 WORDS = "let n be an integer so that the sum of squares is even hence by induction every prime p divides x".split()
 
@@ -133,4 +134,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    watch = machine.Watch()  # CPU, load and other processes' CPU share before and after: run on a quiet machine
     main()
+    watch.done()

@@ -36,6 +36,7 @@ from qednano_jax.config import ModelConfig, RolloutConfig
 from qednano_jax.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 from qednano_jax.model import hf, qwen3
 from qednano_jax.rollout import SamplingParams, make_rollout
+import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {  # vocabulary: the 512-token tokenizer trained below (SGLang needs a real tokenizer dir)
@@ -216,4 +217,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    watch = machine.Watch()  # CPU, load and other processes' CPU share before and after: run on a quiet machine
     main()
+    watch.done()

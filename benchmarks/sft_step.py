@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,4 +178,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--side" in sys.argv:  # a measured side: its last stdout line is its JSON result
+        main()
+    else:
+        watch = machine.Watch()  # CPU, load and other processes' CPU share before and after: run on a quiet machine
+        main()
+        watch.done()
