@@ -103,3 +103,14 @@ def test_bad_text_column_names_the_row(tmp_path):
                                                             f"dedup.output={tmp_path / 'o.jsonl'}"])
     with pytest.raises(DataError, match=r"row 1: column 'problem'"):
         D.run_dedup(cfg)
+
+
+def test_bundled_training_samples_are_decontaminated():
+    """The project's own decontamination over what it ships: no bundled SFT or RL training problem is an exact or
+    near (5-gram Jaccard >= 0.6) copy of a bundled benchmark problem, or of another training problem."""
+    items = D.load_benchmark_items(["imo_proofbench=sample", "proofbench=sample", "imo_answerbench=sample"])
+    assert len(items) > 10
+    for name in ("fineproofs_sft.jsonl", "fineproofs_rl.jsonl"):
+        rows = [json.loads(line) for line in (SAMPLES / name).read_text().splitlines()]
+        kept, removed = D.dedup([r["problem"] for r in rows], items)
+        assert removed == [] and kept == list(range(len(rows))), (name, removed)
