@@ -250,8 +250,9 @@ class GraderConfig:
                              "Authorization header)")
     prompt_file: str = field("", "grading prompt template with {problem} {marking_scheme} {solution} ('' = the "
                              "bundled qednano_jax/prompts/grader.txt)")
-    strip_self_evaluation: bool = field(False, "drop a trailing 'Self Evaluation' section from the proof "
-                                        "(done for evaluation, SPEC.md §5; off in RL)")
+    strip_self_evaluation: bool = field(False, "cut the proof at its first '# Evaluation' / 'Self Evaluation' / "
+                                        "'Final Evaluation' heading, as the released evaluation does (done for "
+                                        "evaluation, SPEC.md §5; off in RL)")
     judge_path: str = field("", "native backend: HF checkpoint directory of the judge model")
     judge_tokenizer: str = field("", "native backend: the judge's tokenizer ('' = the one in judge_path, 'qwen3' = "
                                  "the bundled real Qwen3 tokenizer, or a directory)")

@@ -150,8 +150,9 @@ def batches_grading(grader: Any) -> bool:
 
 
 def extract(text: str) -> str:
-    """The graded text (SPEC §5): after the last `</think>`, a trailing "Self Evaluation" section removed; "" when
-    the thinking never closed (scored 0 without a grader call)."""
+    """The graded text (SPEC §5): after the last `</think>`, cut at its first "Evaluation" / "Self Evaluation" /
+    "Final Evaluation" heading (grader.extract_proof); "" when the thinking never closed (scored 0 without a grader
+    call)."""
     from qednano_jax.reward.grader import extract_proof
     return extract_proof(text, strip_self_evaluation=True)
 

@@ -42,15 +42,19 @@ DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "grader.tx
 # ----------------------------------------------------------------------------------------------- text in, text out
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-_SELF_EVAL = re.compile(r"^[ \t]*(?:#+[ \t]*|\*\*)?[ \t]*self[- ]evaluation\b", re.IGNORECASE | re.MULTILINE)
+# a Markdown heading line whose whole title is one of these words, optionally bold (released evaluation rule)
+_SELF_EVAL = re.compile(r"^#+[ \t]*\**[ \t]*(?:Self Evaluation|Final Evaluation|Evaluation)[ \t]*\**[ \t]*$",
+                        re.MULTILINE)
 
 
 def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str:
     """The proof of a policy completion: the text after the LAST `</think>`, stripped (SPEC.md §3, step 1).
 
     No `</think>` means the thinking was truncated: the proof is "" and scores 0 without a grader call. With
-    `strip_self_evaluation`, a trailing "Self Evaluation" section (a heading line starting with those words) is cut
-    off, as the evaluation pipeline does (SPEC.md §5).
+    `strip_self_evaluation`, everything from the FIRST Markdown heading titled exactly "Evaluation", "Self
+    Evaluation" or "Final Evaluation" (any number of `#`, optional `*` bold markers and spaces around the words,
+    case-sensitive) to the end is cut off, and nothing else, as the released evaluation does (SPEC.md §5):
+    bold or plain "Self-evaluation:" lines and lower-case headings stay.
     """
     if THINK_CLOSE not in completion:
         return ""
@@ -58,9 +62,9 @@ def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str:
     for tok in _END_TOKENS:
         proof = proof.removesuffix(tok).rstrip()
     if strip_self_evaluation:
-        heads = list(_SELF_EVAL.finditer(proof))
-        if heads:
-            proof = proof[:heads[-1].start()].rstrip()
+        head = _SELF_EVAL.search(proof)
+        if head:
+            proof = proof[:head.start()].rstrip()
     return proof
 
 

@@ -54,9 +54,26 @@ def test_extract_proof():
     text = "t</think>Proof: by induction.\n\n## Self Evaluation\nI am confident: 7/7."
     assert G.extract_proof(text) == "Proof: by induction.\n\n## Self Evaluation\nI am confident: 7/7."
     assert G.extract_proof(text, strip_self_evaluation=True) == "Proof: by induction."
-    assert G.extract_proof("t</think>P.\n**Self-Evaluation**: fine", strip_self_evaluation=True) == "P."
     # "self evaluation" inside a sentence is not a heading
     assert G.extract_proof("t</think>We avoid self evaluation here.", True) == "We avoid self evaluation here."
+
+
+@pytest.mark.parametrize("tail,kept", [
+    ("# Evaluation\nGood.", ""),                                    # `#` .. `####`, each title
+    ("## Final Evaluation\n7/7", ""),
+    ("### **Self Evaluation**\nfine", ""),                          # bold title
+    ("#### Self Evaluation   \nfine", ""),                          # trailing spaces
+    ("##  ** Evaluation **\nok", ""),                               # bold markers and spaces around the words
+    ("## Self Evaluation\na\n\n## Self Evaluation\nb", ""),         # two sections: cut at the FIRST
+    ("## self evaluation\nlower case", "## self evaluation\nlower case"),      # case-sensitive: kept
+    ("**Self-evaluation:** I am sure.", "**Self-evaluation:** I am sure."),    # not a heading: kept
+    ("Self-evaluation: sure.", "Self-evaluation: sure."),
+    ("## Evaluation of the sum\nS = 3.", "## Evaluation of the sum\nS = 3."),  # the title is more than the words
+])
+def test_self_evaluation_stripping_follows_the_released_rule(tail, kept):
+    proof = "Proof. Done.\n\nQED."
+    want = (proof + "\n\n" + kept).rstrip() if kept else proof
+    assert G.extract_proof(f"t</think>{proof}\n\n{tail}", strip_self_evaluation=True) == want
 
 
 def test_prompt_template_and_marking_scheme(tmp_path):
