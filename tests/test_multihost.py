@@ -28,20 +28,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_hosts(run_dir: Path, steps: int, tag: str, *extra: str) -> list[str]:
-    """`python -m qednano_jax.train` as processes 0 and 1 of a 2-process job; returns their outputs."""
+def _train(args: list[str], run_dir: Path, hosts: int, tag: str, kill_after_step: int | None = None) -> list[str]:
+    """`python -m qednano_jax.train ARGS train.run_dir=RUN_DIR` as `hosts` processes (8 CPU devices in all) joined by
+    jax.distributed on 127.0.0.1; with kill_after_step, every process is SIGKILLed once that step's checkpoint
+    exists, otherwise each must exit 0. Returns the processes' outputs."""
     port = _free_port()
     procs, logs = [], []
-    for i in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+    for i in range(hosts):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // hosts}",
+               "JAX_PLATFORMS": "cpu"}
+        if hosts > 1:
+            env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(hosts),
+                    "JAX_PROCESS_ID": str(i)}
         log = open(run_dir.parent / f"{tag}.process{i}.log", "w+")
-        procs.append(subprocess.Popen([sys.executable, "-m", "qednano_jax.train", *OVERRIDES, f"train.steps={steps}",
-                                       f"train.run_dir={run_dir}", *extra], env=env, cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "qednano_jax.train", *args, f"train.run_dir={run_dir}"],
+                                      env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     try:
-        codes = [p.wait(timeout=600) for p in procs]
+        if kill_after_step is not None:
+            import time
+            done = run_dir / "checkpoints" / str(kill_after_step)
+            deadline = time.time() + 600
+            while not done.is_dir() and time.time() < deadline and all(p.poll() is None for p in procs):
+                time.sleep(0.1)
+            for p in procs:
+                p.kill()
+        codes = [p.wait(timeout=900) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -52,7 +64,8 @@ def _run_two_hosts(run_dir: Path, steps: int, tag: str, *extra: str) -> list[str
         log.seek(0)
         outs.append(log.read())
         log.close()
-    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    if kill_after_step is None:
+        assert codes == [0] * hosts, "\n\n".join(o[-3000:] for o in outs)
     return outs
 
 
@@ -100,7 +113,7 @@ def _reference_losses(tmp_path, monkeypatch, steps: int) -> dict[int, float]:
 @pytest.mark.slow
 def test_two_hosts_match_one_host_and_resume(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    outs = _run_two_hosts(run_dir, 4, "first")
+    outs = _train([*OVERRIDES, "train.steps=4"], run_dir, 2, "first")
     for i, out in enumerate(outs):
         assert "data: 8 rows" in out, out[-2000:]  # each host read its own half of the 16 rows
     consumed = [run_dir / f"consumed.process_{i}.jsonl" for i in range(2)]
@@ -118,7 +131,7 @@ def test_two_hosts_match_one_host_and_resume(tmp_path, monkeypatch):
                                                                                     "process_1-of-2.json"]
 
     # restart both processes for 2 more steps: they resume from step 4
-    outs = _run_two_hosts(run_dir, 6, "resume", "train.allow_resume_changes=true")
+    outs = _train([*OVERRIDES, "train.steps=6", "train.allow_resume_changes=true"], run_dir, 2, "resume")
     for out in outs:
         assert "resumed from" in out and "step 4" in out, out[-2000:]
     got = {}
@@ -138,47 +151,6 @@ RL_OVERRIDES = ["train.steps=2", "rl.micro_batch_rows=8", "train.progress=false"
                 "checkpoint.async_save=false", "train.export_hf=false"]
 
 
-def _train(config: str, run_dir: Path, hosts: int, tag: str, *extra: str, kill_after_step: int | None = None):
-    """`python -m qednano_jax.train CONFIG` as `hosts` processes (8 CPU devices in all); with kill_after_step, every
-    process is SIGKILLed once that step's checkpoint exists. Returns the processes' outputs."""
-    port = _free_port()
-    procs, logs = [], []
-    for i in range(hosts):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // hosts}",
-               "JAX_PLATFORMS": "cpu"}
-        if hosts > 1:
-            env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(hosts),
-                    "JAX_PROCESS_ID": str(i)}
-        log = open(run_dir.parent / f"{tag}.process{i}.log", "w+")
-        procs.append(subprocess.Popen([sys.executable, "-m", "qednano_jax.train", config, *RL_OVERRIDES,
-                                       f"train.run_dir={run_dir}", *extra], env=env, cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT))
-        logs.append(log)
-    try:
-        if kill_after_step is not None:
-            import time
-            done = run_dir / "checkpoints" / str(kill_after_step)
-            deadline = time.time() + 600
-            while not done.is_dir() and time.time() < deadline and all(p.poll() is None for p in procs):
-                time.sleep(0.1)
-            for p in procs:
-                p.kill()
-        codes = [p.wait(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outs = []
-    for log in logs:
-        log.seek(0)
-        outs.append(log.read())
-        log.close()
-    if kill_after_step is None:
-        assert codes == [0] * hosts, "\n\n".join(o[-3000:] for o in outs)
-    return outs
-
-
 def _per_step(run_dir: Path) -> dict:
     return {json.loads(x)["step"]: json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()}
 
@@ -189,10 +161,10 @@ def test_two_host_rl_and_rc_match_one_host_and_resume_after_sigkill(tmp_path, st
     """The tiny RL / RC demos (native engine on process 0's devices, native judge) on 2 processes x 4 devices give
     one 8-device process's per-step loss and grad norm; killed after step 1 and re-run, they resume on both hosts
     and end where the uninterrupted run does, each step logged once (by process 0)."""
-    config = f"configs/{stage}-tiny.yaml"
-    _train(config, tmp_path / "one", 1, "one")
-    _train(config, tmp_path / "two", 2, "two", kill_after_step=1)
-    outs = _train(config, tmp_path / "two", 2, "resume")
+    args = [f"configs/{stage}-tiny.yaml", *RL_OVERRIDES]
+    _train(args, tmp_path / "one", 1, "one")
+    _train(args, tmp_path / "two", 2, "two", kill_after_step=1)
+    outs = _train(args, tmp_path / "two", 2, "resume")
     assert "resumed from" in outs[0] and "step 1" in outs[0], outs[0][-2000:]
     one, two = _per_step(tmp_path / "one"), _per_step(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2]
@@ -216,8 +188,9 @@ def test_two_host_rl_over_http_serve_matches_one_host(tmp_path, tiny_hf_dir, nat
              "rollout.backend=sglang", f"rollout.urls=[{native_server.url}]", "rollout.health_timeout=60",
              "grader.max_tokens=4"]
     try:
-        _train("configs/rl-tiny.yaml", tmp_path / "one", 1, "one", *extra, f"rollout.refit_dir={tmp_path / 'r1'}")
-        _train("configs/rl-tiny.yaml", tmp_path / "two", 2, "two", *extra, f"rollout.refit_dir={tmp_path / 'r2'}")
+        args = ["configs/rl-tiny.yaml", *RL_OVERRIDES, *extra]
+        _train([*args, f"rollout.refit_dir={tmp_path / 'r1'}"], tmp_path / "one", 1, "one")
+        _train([*args, f"rollout.refit_dir={tmp_path / 'r2'}"], tmp_path / "two", 2, "two")
     finally:
         update_from_disk(requests.Session(), native_server.url, tiny_hf_dir, "default", timeout=120)
     one, two = _per_step(tmp_path / "one"), _per_step(tmp_path / "two")

@@ -181,6 +181,12 @@ def _block_mask(qs, ks, q0, k0, bq, bk):
     return ((qs[:, :, None] == ks[:, None, :]) & causal[None])[:, None, None]
 
 
+def _key_block(kg, vg, ks_all, k0, bk):
+    """Key block [k0, k0 + bk): k and v [b, k, bk, e], key segment ids [b, bk]."""
+    sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, k0, bk, axis=axis)
+    return sl(kg, 2), sl(vg, 2), sl(ks_all, 1)
+
+
 def _while(lo, hi, body, carry):
     """for i in [lo, hi): carry = body(i, carry), as a while loop (see the module docstring: never a scan)."""
     _, out = jax.lax.while_loop(lambda c: c[0] < hi, lambda c: (c[0] + 1, body(c[0], c[1])), (lo, carry))
@@ -205,9 +211,7 @@ def _flash_fwd_impl(q, k, v, q_seg, k_seg, q_offset, block, offsets):
         def k_block(j, c):
             m, l, acc = c
             k0 = j * bk
-            kj = jax.lax.dynamic_slice_in_dim(kg, k0, bk, axis=2)
-            vj = jax.lax.dynamic_slice_in_dim(vg, k0, bk, axis=2)
-            ks = jax.lax.dynamic_slice_in_dim(ks_all, k0, bk, axis=1)
+            kj, vj, ks = _key_block(kg, vg, ks_all, k0, bk)
             msk = _block_mask(qs, ks, q_offset + q0, k0, bq, bk)
             sc = jnp.where(msk, jnp.einsum("bkgqe,bkse->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale,
                            NEG)
@@ -267,9 +271,7 @@ def _flash_bwd(block, offsets, res, d_out):
     def k_block(j, carry):
         dq, dk, dv = carry
         k0 = j * bk
-        kj = jax.lax.dynamic_slice_in_dim(kg, k0, bk, axis=2)
-        vj = jax.lax.dynamic_slice_in_dim(vg, k0, bk, axis=2)
-        ks = jax.lax.dynamic_slice_in_dim(ks_all, k0, bk, axis=1)
+        kj, vj, ks = _key_block(kg, vg, ks_all, k0, bk)
         # causal: from the first query block that sees this key block (none when it lies after the last query)
         lo = jnp.maximum(0, (k0 - q_offset) // bq)
         end = jnp.where(k0 <= q_offset + t - 1, nq, lo)

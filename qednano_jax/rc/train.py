@@ -303,7 +303,7 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
                 m |= loop.rollout_metrics(batch.groups)
                 m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
                 m |= trainer.train_on_groups(batch.groups)
-                driver.check_finite(s + 1, m, trainer.ckpt.latest_step())  # before any refit or save
+                driver.check_finite(s + 1, m, trainer.ckpt.latest_step)  # before any refit or save
                 m["refit_s"] = trainer.refit(rollout)
                 step = s + 1
                 buffer = act(step) if step < tc.steps else None   # next step's states, with the weights it trains from
@@ -323,12 +323,9 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
                     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
                     bar.update(1)
                 preempted = preemption.requested()
-                if step == tc.steps or step % cfg.checkpoint.every == 0 or preempted:
-                    save_extra = {"version": step, "counters": dict(counters), "rc_buffer": buffer,
-                                  "data_stats": dataclasses.asdict(data_stats)}
-                    if grader is not None:
-                        save_extra["grader_stats"] = dataclasses.asdict(grader.stats)
-                    trainer.save(sampler.state(), save_extra, force=step == tc.steps or preempted)
+                trainer.save_step(step, sampler.state(), lambda: {
+                    "version": step, "counters": dict(counters), "rc_buffer": buffer,
+                    "data_stats": dataclasses.asdict(data_stats)}, grader=grader, force=step == tc.steps or preempted)
                 if preempted:
                     log_fn(driver.resume_message(step, preemption.signal))
                     break

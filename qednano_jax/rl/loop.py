@@ -381,6 +381,17 @@ class RLTrainer:
         local = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
         return self.host_params(), local, sharding.RULE_SETS["dp"]
 
+    def save_step(self, step: int, data_state: Any, extra: Callable[[], dict], *, grader: Grader | None = None,
+                  force: bool = False) -> None:
+        """Checkpoint `step` when checkpoint.every says so, or when `force`d (the last step, a preemption); `extra()`
+        (which may wait for in-flight rollouts) is built only then, with the grader's counters added."""
+        if not force and step % self.cfg.checkpoint.every:
+            return
+        payload = extra()
+        if grader is not None:
+            payload["grader_stats"] = dataclasses.asdict(grader.stats)
+        self.save(data_state, payload, force=force)
+
     def save(self, data_state: Any, extra: dict, force: bool = False) -> bool:
         return self.ckpt.save(self.version, self.state.to_dict(), data_state=data_state, extra=extra, force=force)
 
@@ -517,12 +528,11 @@ def follow(cfg: Config, trainer: RLTrainer, log: Callable[[str], None]) -> dict:
         with driver.Preemption() as preemption:
             for s in range(start, tc.steps):
                 m = trainer.train_on_batch(None)
-                driver.check_finite(s + 1, m, trainer.ckpt.latest_step())
+                driver.check_finite(s + 1, m, trainer.ckpt.latest_step)
                 trainer.refit(None)
                 step = s + 1
                 preempted = preemption.requested()
-                if step == tc.steps or step % cfg.checkpoint.every == 0 or preempted:
-                    trainer.save(None, {}, force=step == tc.steps or preempted)
+                trainer.save_step(step, None, dict, force=step == tc.steps or preempted)
                 if preempted:
                     break
     finally:
@@ -622,7 +632,7 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, ru
                 m["weight_lag_mean"] = float(np.mean(lags))
                 m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
                 m |= trainer.train_on_groups(groups)
-                driver.check_finite(s + 1, m, trainer.ckpt.latest_step())  # before any refit or save
+                driver.check_finite(s + 1, m, trainer.ckpt.latest_step)  # before any refit or save
                 for f in buffer:  # rollouts of later steps finish with the weights they started with
                     f.result()
                 m["refit_s"] = trainer.refit(rollout)
@@ -641,13 +651,9 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, ru
                     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
                     bar.update(1)
                 preempted = preemption.requested()
-                if step == tc.steps or step % cfg.checkpoint.every == 0 or preempted:
-                    save_extra = {"version": step, "counters": dict(counters),
-                                  "buffer": [f.result().to_json() for f in buffer],
-                                  "data_stats": dataclasses.asdict(data_stats)}
-                    if grader is not None:
-                        save_extra["grader_stats"] = dataclasses.asdict(grader.stats)
-                    trainer.save(sampler.state(), save_extra, force=step == tc.steps or preempted)
+                trainer.save_step(step, sampler.state(), lambda: {
+                    "version": step, "counters": dict(counters), "buffer": [f.result().to_json() for f in buffer],
+                    "data_stats": dataclasses.asdict(data_stats)}, grader=grader, force=step == tc.steps or preempted)
                 if preempted:
                     log_fn(driver.resume_message(step, preemption.signal))
                     break

@@ -221,10 +221,12 @@ def resume_message(step: int, signum: int | None) -> str:
 
 # ----------------------------------------------------------------------------------------------- guard, export
 
-def check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
-    """Raise NonFinite when the step's update was withheld by the train step's guard (metrics['finite'] == 0)."""
+def check_finite(step: int, metrics: dict, last_checkpoint: Callable[[], int | None]) -> None:
+    """Raise NonFinite when the step's update was withheld by the train step's guard (metrics['finite'] == 0).
+    `last_checkpoint` (e.g. Checkpointer.latest_step, a directory listing) is asked only then, not every step."""
     if metrics.get("finite", 1.0) >= 0.5:
         return
+    last_checkpoint = last_checkpoint()
     raise NonFinite(f"step {step}: non-finite loss ({metrics.get('loss')}) or gradient norm "
                     f"({metrics.get('grad_norm')}); the update was not applied and the run stops here; the newest "
                     f"checkpoint ({'none' if last_checkpoint is None else f'step {last_checkpoint}'}) is the last "

@@ -166,8 +166,8 @@ def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules) -> dict:
                 batch["denominator"] = count(batch["loss_mask"])
                 state, m = train_step(state, batch)
                 step = i + 1
-                driver.check_finite(step, {"finite": float(m["finite"]), "loss": float(m["loss"]),
-                                           "grad_norm": float(m["grad_norm"])}, ckpt.latest_step())
+                driver.check_finite(step, jax.device_get({k: m[k] for k in ("finite", "loss", "grad_norm")}),
+                                    ckpt.latest_step)
                 consumed_log.write(json.dumps({"step": step, "ids": sft_data.consumed_ids([local])}) + "\n")
                 consumed_log.flush()
                 tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts

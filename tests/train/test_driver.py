@@ -128,7 +128,7 @@ def test_non_finite_step_leaves_the_state_as_it_was():
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.asarray, bad.to_dict()))):
         np.testing.assert_array_equal(a, b)  # params, optimizer state, step and RNG unchanged
     with pytest.raises(driver.NonFinite, match=r"step 7: non-finite loss .* checkpoint \(step 6\) is the last good"):
-        driver.check_finite(7, {k: float(v) for k, v in m.items()}, 6)
+        driver.check_finite(7, {k: float(v) for k, v in m.items()}, lambda: 6)
     good, m = fn(bad, {**batch, "denominator": jnp.float32(16.0)})
     assert float(m["finite"]) == 1.0 and int(good.step) == 1
 

@@ -61,6 +61,16 @@ def reference(tiny_setup):
     return ref_loss
 
 
+def _signal_once_logged(proc, metrics: Path, lines: int, sig) -> None:
+    """Send `sig` to `proc` as soon as `metrics` holds `lines` lines (or give up when it ends first)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.02)
+
+
 def _steps_logged(path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
@@ -72,12 +82,7 @@ def test_sigterm_saves_the_step_exits_0_and_resumes_exactly(tiny_setup, referenc
     run = d / "term"
     victim = _cli(args, run)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and victim.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            victim.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
+    _signal_once_logged(victim, metrics, 4, signal.SIGTERM)
     out, _ = victim.communicate(timeout=600)
     assert victim.returncode == 0, out
     last = _steps_logged(metrics)[-1]
@@ -100,12 +105,7 @@ def test_sigkill_resume_is_bit_exact(tiny_setup, reference):
 
     victim = _cli(args, d / "run")
     metrics = d / "run" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and victim.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    _signal_once_logged(victim, metrics, 8, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = len(metrics.read_text().splitlines())
