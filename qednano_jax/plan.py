@@ -4,7 +4,7 @@
 Answers "does this config fit, and how fast would it run?" before paying for a pod (DESIGN.md scale targets). For
 each device count (plan.devices) and strategy (plan.strategies: the rule sets dp, fsdp, tp, fsdp_tp, fsdp_sp,
 fsdp_tp_sp of sharding.py and the config's own mesh section) it compiles the REAL train step of the config's stage
-(train/step.py make_train_step around sft_loss for `stage: sft`, around the RL loss of rl/loop.py for `rl` and `rc`;
+(train/step.py make_train_step around sft_loss for `stage: sft`, around the RL loss of rl/losses.py for `rl` and `rc`;
 the config's optimizer, remat policy and attention implementation) ahead of time on fake CPU devices from abstract
 shapes (ShapeDtypeStructs carrying their shardings: no weights are allocated), for the stage's micro-batches
 (`stage_step`) of plan.rows_per_device rows x plan.seq_len tokens per data-parallel shard, and reports per device:
@@ -321,10 +321,10 @@ def stage_step(cfg: Config):
     if cfg.stage == "sft":
         keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
         return step_lib.sft_loss, {k: np.int32 for k in keys}, cfg.train.micro_batches
-    from qednano_jax.rl.loop import BATCH_KEYS, rl_loss_fn
-    floats = ("weights", "old_logprobs", "advantages")
+    from qednano_jax.rl.batch import BATCH_KEYS, FLOAT_KEYS
+    from qednano_jax.rl.losses import rl_loss_fn
     return (rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
-            {k: np.float32 if k in floats else np.int32 for k in BATCH_KEYS}, 2)
+            {k: np.float32 if k in FLOAT_KEYS else np.int32 for k in BATCH_KEYS}, 2)
 
 
 def plan_one(cfg: Config, strategy: str, n_devices: int, tpu: dict) -> dict:

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from qednano_jax.config import DataGenConfig, describe, load_datagen_config, to_dict
 from qednano_jax.data.sft import DataError, load_rows

@@ -336,7 +336,6 @@ def splash(q, k, v, seg, block: int, interpret: bool | None = None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, t, h, e = q.shape
-    kh = k.shape[2]
     if block % 128:
         raise ValueError(f"model.attention_chunk: splash attention needs a multiple of 128, got {block}")
     n = -(-t // block) * block

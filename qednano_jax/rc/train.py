@@ -35,7 +35,8 @@ from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
 from qednano_jax.rc import cycle, state as rcs, testtime as tt
 from qednano_jax.reward.grader import GraderStats
-from qednano_jax.rl import loop
+from qednano_jax.rl import loop, pipeline
+from qednano_jax.rl.trainer import RLTrainer
 from qednano_jax.rollout.base import Completion, SamplingParams
 from qednano_jax.train import driver
 from qednano_jax.train import metrics as metrics_lib
@@ -103,7 +104,7 @@ class RCActor:
     turn's own proof for logging."""
 
     def __init__(self, cfg: Config, rollout: Any, summarizer: Any, tokenizer: Any, summarizer_tokenizer: Any,
-                 prompts: list[rl_data.RLPrompt], reward_fn: loop.RewardFn, use_jit: bool, log: Callable):
+                 prompts: list[rl_data.RLPrompt], reward_fn: pipeline.RewardFn, use_jit: bool, log: Callable):
         self.cfg, self.rollout, self.summarizer, self.tokenizer = cfg, rollout, summarizer, tokenizer
         self.reward_fn, self.use_jit = reward_fn, use_jit
         rc = cfg.rc
@@ -127,10 +128,10 @@ class RCActor:
     def sampling(self, step: int) -> tuple[SamplingParams, SamplingParams]:
         rl, rc = self.cfg.rl, self.cfg.rc
         policy = SamplingParams(max_new_tokens=rl.max_tokens, temperature=rl.temperature, top_p=rl.top_p,
-                                top_k=rl.top_k, stop_token_ids=self.stop, seed=loop.batch_seed(rc.seed, step, 0))
+                                top_k=rl.top_k, stop_token_ids=self.stop, seed=pipeline.batch_seed(rc.seed, step, 0))
         summary = SamplingParams(max_new_tokens=rc.summary_max_tokens, temperature=rc.summary_temperature,
                                  top_p=rc.summary_top_p, top_k=rc.summary_top_k, stop_token_ids=self.stop,
-                                 seed=loop.batch_seed(rc.seed, step, 1))
+                                 seed=pipeline.batch_seed(rc.seed, step, 1))
         return policy, summary
 
     def problems(self, positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +176,7 @@ class RCActor:
                 c = Completion(token_ids=ids, logprobs=[0.0] * len(ids),
                                finish_reason="stop" if stopped[i, t] else "length", text="",
                                weight_version=self.rollout.weight_version, prompt_tokens=0)
-                items.append((self.graded_prompt(pos, ()), c, loop.completion_text(self.tokenizer, c)))
+                items.append((self.graded_prompt(pos, ()), c, pipeline.completion_text(self.tokenizer, c)))
         results = self.reward_fn(items)
         return np.asarray([r.reward for r in results], np.float32).reshape(lens.shape)
 
@@ -210,7 +211,7 @@ class RCActor:
         return out, records
 
 
-def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: loop.RewardFn | None = None) -> dict:
+def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: pipeline.RewardFn | None = None) -> dict:
     """Train (or resume) stage 3 per `cfg` (see module doc). `reward_fn` replaces the configured grader (tests).
     Returns {start_step, steps, metrics: {step: {...}}, run_dir, counters, state, records}."""
     problems_per_step = check_config(cfg)
@@ -227,7 +228,7 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
     from qednano_jax.rollout import make_rollout
 
     tc, rl, rc = cfg.train, cfg.rl, cfg.rc
-    trainer = loop.RLTrainer(cfg, log=log)
+    trainer = RLTrainer(cfg, log=log)
     model_cfg = trainer.model_cfg
     if jax.process_index() != 0:  # multi-host: process 0 runs the RC actor and the rollouts (rl.loop.follow)
         trainer.init_or_restore()
@@ -294,7 +295,7 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
                     buffer = act(s)
                 st = rcs.state_from_json(buffer["state"])
                 state_prompts, recs = actor.state_prompts(st, s)
-                pipe = loop.RolloutPipeline(rollout, state_prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
+                pipe = pipeline.RolloutPipeline(rollout, state_prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
                 try:
                     batch = pipe.launch(list(range(len(state_prompts))), s).result()
                 finally:

@@ -30,13 +30,14 @@ Packed rows hold several completions; a sequence is a (row, segment id) pair, se
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qednano_jax.config import LossConfig
+from qednano_jax.model import qwen3
 
 # ----------------------------------------------------------------------------------------------- advantages
 
@@ -232,3 +233,18 @@ def metric_means(sums: dict) -> dict:
     """Per-token means of the metric sums of `rl_loss` (summed over micro-batches): {name: sum / tokens}."""
     tokens = max(float(sums["tokens"]), 1.0)
     return {k: float(v) / tokens for k, v in sums.items() if k != "tokens"} | {"tokens": float(sums["tokens"])}
+
+
+# ----------------------------------------------------------------------------------------------- over the model
+
+def rl_loss_fn(loss_cfg, temperature: float) -> Callable:
+    """loss_fn(model_cfg, params, micro_batch) for train/step.py: trainer logprobs of logits / temperature (so they
+    compare with the sampler's), entropy of that distribution, and `rl.losses.rl_loss` with the packed weights."""
+    def loss_fn(model_cfg: Any, params, mb: dict):
+        h = qwen3.hidden_states(model_cfg, params, mb["tokens"], positions=mb["positions"],
+                                segment_ids=mb["segment_ids"])
+        lp_bt, ent_bt = qwen3.token_logprobs(model_cfg, params, h, mb["targets"], temperature=temperature,
+                                             with_entropy=True)
+        return rl_loss(loss_cfg.policy_loss, lp_bt, mb["old_logprobs"], mb["advantages"], mb["weights"],
+                              loss_cfg, entropy_bt=ent_bt)
+    return loss_fn

@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from qednano_jax.config import ModelConfig
-from qednano_jax.data.tokenizer import prompt_ids, train_tiny_tokenizer
+from qednano_jax.data.tokenizer import train_tiny_tokenizer
 from qednano_jax.model import qwen3
 from qednano_jax.rc import testtime as tt
 from qednano_jax.rollout.base import SamplingParams

@@ -15,7 +15,8 @@ from qednano_jax.data.tokenizer import load_tokenizer
 from qednano_jax.model import qwen3
 from qednano_jax.model.hf import load_hf
 from qednano_jax.reward.grader import GradeResult, OpenAIGrader
-from qednano_jax.rl import loop
+from qednano_jax.rl import batch, loop
+from qednano_jax.rl.trainer import RLTrainer
 from qednano_jax.rollout.base import Completion
 from qednano_jax.train import checkpoint as ckpt_lib
 
@@ -28,14 +29,14 @@ def comp(ids, lps, version="0", reason="stop"):
 # ----------------------------------------------------------------------------------------------- pure pieces
 
 def test_pack_groups_aligns_logprobs_advantages_and_mask():
-    g1 = loop.Group(prompt_ids=[1, 2, 3], completions=[comp([10, 11], [-0.1, -0.2]), comp([12], [-0.3])],
+    g1 = batch.Group(prompt_ids=[1, 2, 3], completions=[comp([10, 11], [-0.1, -0.2]), comp([12], [-0.3])],
                     rewards=[1.0, 0.0])
-    g2 = loop.Group(prompt_ids=[4, 5], completions=[comp([20, 21, 22], [-1.0, -2.0, -3.0]), comp([23], [-4.0])],
+    g2 = batch.Group(prompt_ids=[4, 5], completions=[comp([20, 21, 22], [-1.0, -2.0, -3.0]), comp([23], [-4.0])],
                     rewards=[0.25, 0.75])
     cfg = load_config(None, ["stage=rl"]).rl.loss
-    adv = loop.group_advantages([g1, g2], cfg)
+    adv = batch.group_advantages([g1, g2], cfg)
     np.testing.assert_allclose(np.concatenate(adv), [0.5, -0.5, -0.25, 0.25])
-    p = loop.pack_groups([g1, g2], adv, seq_len=8, rows_multiple=2)
+    p = batch.pack_groups([g1, g2], adv, seq_len=8, rows_multiple=2)
     # lengths (prompt + completion - 1): 4, 3, 4, 2 -> first fit decreasing: row 0 = [g1c0 (4), g2c0 (4)],
     # row 1 = [g1c1 (3), g2c1 (2)], padded to 2 rows
     np.testing.assert_array_equal(p["tokens"], [[1, 2, 3, 10, 4, 5, 20, 21], [1, 2, 3, 4, 5, 0, 0, 0]])
@@ -45,22 +46,22 @@ def test_pack_groups_aligns_logprobs_advantages_and_mask():
     np.testing.assert_array_equal(p["loss_mask"], [[0, 0, 1, 1, 0, 1, 1, 1], [0, 0, 1, 0, 1, 0, 0, 0]])
     np.testing.assert_allclose(p["old_logprobs"], [[0, 0, -0.1, -0.2, 0, -1, -2, -3], [0, 0, -0.3, 0, -4, 0, 0, 0]])
     np.testing.assert_allclose(p["advantages"], [[0, 0, .5, .5, 0, -.25, -.25, -.25], [0, 0, -.5, 0, .25, 0, 0, 0]])
-    batch, stats = loop.build_train_batch([g1, g2], cfg, seq_len=8, micro_batch_rows=1, samples_per_step=1024)
+    b, stats = batch.build_train_batch([g1, g2], cfg, seq_len=8, micro_batch_rows=1, samples_per_step=1024)
     # padded to the fixed count of 1024 samples / 1 row: the 2 packed micro-batches are the valid ones
-    assert batch["tokens"].shape == (1024, 1, 8) and float(batch["denominator"]) == 1024.0
-    np.testing.assert_array_equal(batch["valid"], [1, 1] + [0] * 1022)
-    np.testing.assert_array_equal(batch["tokens"][:2, 0], p["tokens"])
-    assert not batch["tokens"][2:].any() and not batch["weights"][2:].any()
+    assert b["tokens"].shape == (1024, 1, 8) and float(b["denominator"]) == 1024.0
+    np.testing.assert_array_equal(b["valid"], [1, 1] + [0] * 1022)
+    np.testing.assert_array_equal(b["tokens"][:2, 0], p["tokens"])
+    assert not b["tokens"][2:].any() and not b["weights"][2:].any()
     assert stats["completion_tokens"] == 7 and stats["tokens"] == 13
     with pytest.raises(ValueError, match="group 0 completion 0: prompt 3 \\+ completion 2 tokens do not fit"):
-        loop.pack_groups([g1, g2], adv, seq_len=3)
+        batch.pack_groups([g1, g2], adv, seq_len=3)
 
 
 def test_filter_stale_counts_groups_beyond_max_lag():
-    groups = [loop.Group([1], [comp([2], [0.0], v)], [0.0]) for v in ("5", "4", "3", "default")]
-    kept, gone = loop.filter_stale(groups, trainer_version=5, max_lag=1)
+    groups = [batch.Group([1], [comp([2], [0.0], v)], [0.0]) for v in ("5", "4", "3", "default")]
+    kept, gone = batch.filter_stale(groups, trainer_version=5, max_lag=1)
     assert [g.completions[0].weight_version for g in kept] == ["5", "4"] and gone == 2
-    assert loop.filter_stale(groups, 5, 0)[1] == 3
+    assert batch.filter_stale(groups, 5, 0)[1] == 3
 
 
 # ----------------------------------------------------------------------------------------------- full loop
@@ -272,12 +273,12 @@ def test_train_step_compiles_once_whatever_the_packing(tmp_path, tiny_hf_dir):
     """Steps whose completions pack into 1, 3 and 2 micro-batches run one compiled program (fixed micro-batch
     count, the unused ones skipped) and train on what they hold."""
     cfg = toy_config(tmp_path, tiny_hf_dir, "compile", "rl.micro_batch_rows=1", "data.seq_len=40")
-    trainer = loop.RLTrainer(cfg, log=lambda s: None)
+    trainer = RLTrainer(cfg, log=lambda s: None)
     trainer.init_or_restore()
     prompt = [3, 4, 5, 6]  # a sequence of n completion tokens fills 3 + n of a row's 40
 
     def groups(lengths):
-        return [loop.Group(prompt_ids=prompt, completions=[comp(range(30 + i, 30 + i + n), [-1.0] * n)
+        return [batch.Group(prompt_ids=prompt, completions=[comp(range(30 + i, 30 + i + n), [-1.0] * n)
                                                            for i, n in enumerate(lengths)],
                            rewards=[float(i % 2) for i in range(len(lengths))])]
 

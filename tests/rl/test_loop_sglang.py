@@ -18,6 +18,7 @@ import yaml
 from qednano_jax.config import load_config
 from qednano_jax.data.rl import RL_PROMPT, PromptSampler
 from qednano_jax.rl import loop
+from qednano_jax.rl.trainer import RLTrainer
 from qednano_jax.rollout.refit import update_from_disk
 from qednano_jax.train import checkpoint as ckpt_lib
 
@@ -51,7 +52,7 @@ def rl_yaml(tmp_path, tiny_hf_dir, server, run: str) -> str:
 
 
 def final_params(run_dir, cfg):
-    trainer = loop.RLTrainer(cfg)
+    trainer = RLTrainer(cfg)
     try:
         trainer.init_or_restore()
         return jax.tree.map(np.asarray, trainer.state.params), trainer.version

@@ -12,7 +12,6 @@ import numpy as np
 
 from qednano_jax import sharding
 from qednano_jax.config import ModelConfig, OptimConfig
-from qednano_jax.model import qwen3
 from qednano_jax.train import checkpoint as ckpt_lib, optim, step as step_lib
 
 CFG = ModelConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=2,

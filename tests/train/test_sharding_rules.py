@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qednano_jax import sharding
-from qednano_jax.config import CONFIGS_DIR, load_config, load_yaml
+from qednano_jax.config import CONFIGS_DIR, load_config
 
 LOGICAL = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm", "head_dim_norm", "batch",
            "act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab"}

@@ -87,7 +87,7 @@ def test_sequence_parallel_loss_and_grads_match_one_device(loss, seq):
     """Packed rows whose segments straddle the 2n load-balanced chunks; the RL loss with logprobs, entropy, ratio
     and per-token weights, all length-sharded."""
     from qednano_jax.config import LossConfig
-    from qednano_jax.rl.loop import rl_loss_fn
+    from qednano_jax.rl.losses import rl_loss_fn
 
     b = packed_batch(4, t=48, seed=7)
     rng = np.random.default_rng(8)
