@@ -71,9 +71,10 @@ class ModelConfig:
     attention_impl: str = field("auto", "full-forward attention (model/attention.py): 'flash' (portable JAX, "
                                 "custom VJP, memory linear in the row length), 'splash' (the Pallas TPU kernel), "
                                 "'blocked' (query blocks; backward memory grows with length^2: short rows only), "
-                                "'rows' (blocked one row and KV head at a time: single-device CPU only), 'auto' "
-                                "(splash on TPU, flash elsewhere and under sequence parallelism)",
-                                choices=("auto", "flash", "splash", "blocked", "rows"))
+                                "'rows' (blocked one row and KV head at a time: single-device CPU only), 'cudnn' "
+                                "(cuDNN's fused kernel, NVIDIA GPUs only; packed rows by a length^2 boolean mask), "
+                                "'auto' (splash on TPU, flash elsewhere and under sequence parallelism)",
+                                choices=("auto", "flash", "splash", "cudnn", "blocked", "rows"))
 
     def __post_init__(self):
         validate(self)

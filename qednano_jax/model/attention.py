@@ -15,6 +15,8 @@ attends to); no implementation ever switches to a different memory profile behin
                                             triangle skipped
     rows      t * s                         `blocked` one (row, KV head) pair at a time: CPU-cache-sized blocks,
                                             single-device CPU benchmarks only (it serialises the batch a mesh shards)
+    cudnn     t * s bytes (the segment mask)    NVIDIA GPUs: jax.nn.dot_product_attention's cuDNN fused kernel; packed
+                                            rows through a boolean [b, 1, t, s] mask (2 GiB per row at 45k)
     auto      -                             splash on TPU, flash elsewhere (and flash under sequence parallelism)
 
 The rule about loop-invariant inputs (why `flash` is written as it is). The decoder runs its layers under
@@ -47,12 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG = -1e30  # finite "minus infinity": a fully masked (padding) row stays finite
-IMPLS = ("auto", "flash", "splash", "blocked", "rows")
+IMPLS = ("auto", "flash", "splash", "cudnn", "blocked", "rows")
 DEFAULT_BLOCK = 512
 
 
 def resolve_impl(impl: str, sequence_parallel: bool = False) -> str:
-    """`auto` -> `splash` on TPU without sequence parallelism, else `flash`."""
+    """`auto` -> `splash` on TPU without sequence parallelism, else `flash`. `cudnn` off an NVIDIA GPU is an error."""
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention_impl: cudnn needs an NVIDIA GPU (this backend is "
+                         f"{jax.default_backend()}); use flash or auto")
     if impl != "auto":
         return impl
     return "splash" if jax.default_backend() == "tpu" and not sequence_parallel else "flash"
@@ -104,11 +109,22 @@ def attention(q, k, v, seg, block: int, impl: str = "auto"):
                      block or DEFAULT_BLOCK)
     if impl == "splash":
         return splash(q, k, v, seg, block or DEFAULT_BLOCK)
+    if impl == "cudnn":
+        return cudnn(q, k, v, seg)
     if impl == "rows":
         return rows(q, k, v, seg, block)
     if impl == "blocked":
         return blocked(q, k, v, seg, block)
     raise ValueError(f"model.attention_impl: {impl!r} is not one of {IMPLS}")
+
+
+# ----------------------------------------------------------------------------------------------- cudnn
+
+def cudnn(q, k, v, seg):
+    """cuDNN's fused attention through jax.nn.dot_product_attention (causal, native GQA). JAX's API has no segment
+    ids, so packed rows pass a boolean [b, 1, t, s] same-segment mask (t * s bytes per row)."""
+    m = None if seg is None else (seg[0][:, None, :, None] == seg[1][:, None, None, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=True, implementation="cudnn")
 
 
 # ----------------------------------------------------------------------------------------------- blocked / rows

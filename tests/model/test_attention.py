@@ -105,3 +105,40 @@ def test_memory_is_linear_in_row_length_under_the_layer_scan(impl):
     small, big = _temp_bytes(impl, 8192), _temp_bytes(impl, 16384)
     assert big <= 2.2 * small, (small, big)
     assert big < 2 * 2**30
+
+
+GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (jax backend 'gpu'); this run has "
+                    f"{jax.default_backend()}")
+@pytest.mark.parametrize("impl", ["flash", "cudnn", "blocked"])
+def test_gpu_implementations_match_the_reference_in_bf16(impl):
+    """On a GPU, in bf16 (cuDNN's dtypes), head_dim 128 as Qwen3: packed rows against the fp32 numpy reference."""
+    rng = np.random.default_rng(1)
+    b, t, h, kh, e = 2, 256, 8, 2, 128
+    q, k, v = (rng.normal(size=(b, t, n, e)).astype(np.float32) for n in (h, kh, kh))
+    seg = np.ones((b, t), np.int32)
+    seg[0, 100:] = 2
+    seg[1, 30:] = 2
+    seg[1, 200:] = 0
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    cast = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+    fn = lambda q, k, v: attention.attention(q, k, v, (jnp.asarray(seg), jnp.asarray(seg)), 128, impl)
+    out, vjp = jax.vjp(jax.jit(fn), qb, kb, vb)
+    ref = _reference(cast(q), cast(k), cast(v), seg, seg, 0)
+    live = seg > 0
+    assert np.abs(np.asarray(out, np.float32) - ref)[live].max() <= 3e-2
+    w = jnp.asarray(rng.normal(size=(b, t, h, e)), jnp.bfloat16)
+    _, ref_vjp = jax.vjp(lambda q, k, v: attention.reference(q, k, v, (jnp.asarray(seg), jnp.asarray(seg))),
+                         *(jnp.asarray(cast(x)) for x in (q, k, v)))
+    for g, r, name in zip(vjp(w), ref_vjp(w.astype(jnp.float32)), "qkv"):
+        r = np.asarray(r)
+        assert np.abs(np.asarray(g, np.float32) - r).max() <= 5e-2 * max(np.abs(r).max(), 1.0), name
+
+
+def test_cudnn_off_a_gpu_is_an_error_naming_the_field():
+    if GPU:
+        pytest.skip("this run has a GPU")
+    with pytest.raises(ValueError, match="model.attention_impl: cudnn needs an NVIDIA GPU"):
+        attention.resolve_impl("cudnn")
