@@ -343,6 +343,10 @@ class RCConfig:
     grade_turns: bool = field(True, "grade each RC turn's own proof too, for logging (SPEC.md §4: not trained on)")
     seed: int = field(0, "seed of the RC actor's sampling and of the choice of states (both derive from "
                       "(seed, step), so a resumed run makes the same choices)", ge=0)
+    solve_prompt_file: str = field("", "reasoning-turn template with {problem} {summary} ('' = the bundled "
+                                   "qednano_jax/prompts/rc_solve.txt); {problem} is the raw problem")
+    summary_prompt_file: str = field("", "summarizer template with {problem} {existing_summary} {reasoning} ('' = "
+                                     "the bundled qednano_jax/prompts/rc_summary.txt)")
 
 
 # ----------------------------------------------------------------------------------------------- sections: plan
@@ -398,6 +402,9 @@ class EvalConfig:
                                              "separate frozen summarizer (RC training used Qwen3-4B-Instruct-2507); "
                                              "empty = the policy's own backend (the paper's test-time RC)")
     summarizer_tokenizer: str = field("", "rc: the summarizer's tokenizer dir or `qwen3` ('' = the policy's)")
+    grading_prompt_file: str = field("", "judge template replacing the benchmark's bundled one (qednano_jax/prompts/"
+                                     "<benchmark>_grading.txt / answerbench_judging.txt); proofs: {problem} "
+                                     "{solution} {guidelines} {proof}; answers: {problem} {answer} {proof}")
     seed: int = field(0, "sampling seed; each (run, batch) draws its own seed from it", ge=0)
     batch_size: int = field(8, "prompts sent to the rollout backend in one generate call", ge=1)
     out_dir: str = field("runs/eval-tiny", "results.jsonl (resumable), summary.md, summary.json, scores.png")

@@ -23,7 +23,6 @@ reward_std, then any other kept columns), which `data.path` of an RL config read
 from __future__ import annotations
 
 import re
-import string
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from qednano_jax.data.sft import DataError
 
 JOURNAL = "rubrics.jsonl"
 EXPORT = "fineproofs_rl"
-DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "marking_scheme.txt"
 PROMPT_FIELDS = frozenset({"problem", "solution"})
 NO_SOLUTION = "(No official solution is given. Solve the problem yourself before writing the scheme.)"
 RL_COLUMNS = ("problem", "source", "rubrics", "scores", "rewards", "num_rewards", "reward_mean", "reward_std")
@@ -48,15 +46,8 @@ TOTAL = 7
 
 def load_scheme_prompt(path: str = "") -> str:
     """The scheme-writer template ('' = the bundled one); it must use exactly {problem} and {solution}."""
-    p = Path(path) if path else DEFAULT_PROMPT
-    try:
-        text = p.read_text()
-        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"rubrics.prompt_file: cannot use {p}: {e}") from None
-    if names != PROMPT_FIELDS:
-        raise ConfigError(f"rubrics.prompt_file: {p} uses fields {sorted(names)}, expected {sorted(PROMPT_FIELDS)}")
-    return text
+    from qednano_jax import prompts
+    return prompts.load(path, "marking_scheme.txt", PROMPT_FIELDS, "rubrics.prompt_file")
 
 
 def scheme_text(reply: str) -> str:

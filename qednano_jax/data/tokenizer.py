@@ -22,7 +22,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = [THINK_OPEN, THINK_CLOSE]
 
 # Qwen3-Thinking-2507-style template, written for our tiny tokenizers: ChatML turns; an assistant turn with
-# `reasoning_content` renders it inside <think>...</think>; the generation prompt opens <think>.
+# `reasoning_content` renders it inside <think>...</think>; the generation prompt opens <think>, unless
+# enable_thinking=False (then it ends at `<|im_start|>assistant\n`, as a non-thinking Instruct-2507 prompt does).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message.role == 'assistant' %}"
@@ -35,7 +36,8 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is not defined or enable_thinking %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
 )
 
 
@@ -56,18 +58,23 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
-    """The chat text of a single-user-message prompt whose generation prompt opens the thinking block."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                         add_generation_prompt=True)
+def prompt_text(tokenizer: PreTrainedTokenizerBase, user_text: str, thinking: bool = True) -> str:
+    """The chat text of a single-user-message prompt. thinking: the generation prompt opens the thinking block (the
+    Thinking-2507 policy). thinking=False: the tokenizer's own template with `enable_thinking=False`, as a
+    non-thinking model (the Instruct-2507 summarizer) is prompted; nothing is added to it."""
+    messages = [{"role": "user", "content": user_text}]
+    if not thinking:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not text.rstrip("\n").endswith(THINK_OPEN):  # the hybrid Qwen3 template leaves <think> to the model
         text += THINK_OPEN + "\n"
     return text
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
-    """Token ids of a single-user-message chat prompt whose generation prompt opens the thinking block."""
-    return tokenizer(prompt_text(tokenizer, user_text), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, thinking: bool = True) -> list[int]:
+    """Token ids of `prompt_text`."""
+    return tokenizer(prompt_text(tokenizer, user_text, thinking), add_special_tokens=False)["input_ids"]
 
 
 def train_tiny_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 512) -> Path:

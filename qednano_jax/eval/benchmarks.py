@@ -40,6 +40,7 @@ class Format:
     required: tuple[str, ...]                # fields that must exist as columns
     generation_prompt: str                   # user message template, `{problem}`
     grading_prompt: str                      # grader template: {problem} {solution} {guidelines} {answer} {proof}
+    grading_fields: tuple[str, ...]          # the fields a replacement template (eval.grading_prompt_file) must use
     kind: str                                # "proof" (0..7 points) or "answer" (0/1)
     category_from_id: Callable[[str], str] | None = None  # used when the category column is absent
 
@@ -56,6 +57,7 @@ FORMATS = {
                  "guidelines": "grading_guidelines", "category": "level"},
         required=("id", "problem", "solution", "guidelines"),
         generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.IMO_PROOFBENCH_GRADING, kind="proof",
+        grading_fields=prompts.PROOF_GRADING_FIELDS,
         category_from_id=_imo_proofbench_level),
     "proofbench": Format(
         name="proofbench", hub_id="lm-provers/ProofBench",
@@ -63,12 +65,14 @@ FORMATS = {
                  "guidelines": "grading_scheme", "category": "category"},
         required=("id", "problem", "guidelines"),
         generation_prompt=prompts.PROOF_GENERATION, grading_prompt=prompts.PROOFBENCH_GRADING, kind="proof",
+        grading_fields=prompts.PROOF_GRADING_FIELDS,
         category_from_id=_proofbench_group),
     "imo_answerbench": Format(
         name="imo_answerbench", hub_id="lm-provers/IMOBench-FinalAnswer",
         columns={"id": "question_id", "problem": "problem", "answer": "answer", "category": "category"},
         required=("id", "problem", "answer"),
-        generation_prompt=prompts.ANSWER_GENERATION, grading_prompt=prompts.ANSWERBENCH_JUDGING, kind="answer"),
+        generation_prompt=prompts.ANSWER_GENERATION, grading_prompt=prompts.ANSWERBENCH_JUDGING, kind="answer",
+        grading_fields=prompts.ANSWER_JUDGING_FIELDS),
 }
 
 

@@ -26,7 +26,7 @@ from qednano_jax.config import ConfigError, to_dict
 from qednano_jax.eval import benchmarks, prompts, report
 from qednano_jax.eval.benchmarks import Format, Problem
 from qednano_jax.journal import cut_torn_line
-from qednano_jax.rc import testtime
+from qednano_jax.rc import prompts as rcp, testtime
 
 RESULTS = "results.jsonl"
 META = "eval_meta.json"
@@ -88,7 +88,7 @@ def single_turn(policy: Any, tokenizer: Any, texts: list[str], sampling: Any) ->
     from qednano_jax.data.tokenizer import prompt_ids
 
     outs = policy.generate([prompt_ids(tokenizer, p) for p in texts], sampling, n=1)
-    return [testtime.RCResult(turns=[testtime.Turn(prompt=p, text=testtime.decode(tokenizer, o[0].token_ids),
+    return [testtime.RCResult(turns=[testtime.Turn(prompt=p, text=rcp.decode(tokenizer, o[0].token_ids),
                                                    tokens=len(o[0].token_ids), finish_reason=o[0].finish_reason)])
             for p, o in zip(texts, outs)]
 
@@ -134,7 +134,7 @@ def make_judge(grader: Any, fmt: Format) -> Callable[[list[tuple[Problem, str]]]
             if reply is None:
                 grades.append(Grade(score=0, failed=True, error=error or "grader unreachable"))
                 continue
-            score = parse(reply.rsplit(testtime.THINK_CLOSE, 1)[-1])  # a reasoning judge's verdict follows </think>
+            score = parse(reply.rsplit(rcp.THINK_CLOSE, 1)[-1])  # a reasoning judge's verdict follows </think>
             grades.append(Grade(score=0, reply=reply, no_score=True, error="no valid grade in the grader reply")
                           if score is None else Grade(score=score, reply=reply))
         return grades
@@ -329,6 +329,9 @@ def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
 
     ecfg = cfg.eval
     fmt = benchmarks.get_format(ecfg.benchmark)
+    if ecfg.grading_prompt_file:
+        fmt = dataclasses.replace(fmt, grading_prompt=prompts.load_prompt(
+            ecfg.grading_prompt_file, "", fmt.grading_fields, "eval.grading_prompt_file"))
     problems = benchmarks.load_benchmark(fmt, ecfg.source, ecfg.split, ecfg.limit, ecfg.columns)
     out_dir = Path(ecfg.out_dir)
     done = ResultsFile(out_dir / RESULTS)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qednano_jax.rc import testtime as tt
+from qednano_jax.rc import prompts as rcp
 from qednano_jax.rc.state import RCState, transition
 from qednano_jax.rollout.base import SamplingParams
 
@@ -50,9 +50,9 @@ class RCTemplates:
     think_close: int = flax.struct.field(pytree_node=False)
 
 
-def _pieces(tokenizer: Any, user_template: str, names: tuple[str, ...]) -> tuple:
+def _pieces(tokenizer: Any, user_template: str, names: tuple[str, ...], thinking: bool = True) -> tuple:
     from qednano_jax.data.tokenizer import prompt_text
-    text = prompt_text(tokenizer, user_template.format(**dict(zip(names, _SENTINELS))))
+    text = prompt_text(tokenizer, user_template.format(**dict(zip(names, _SENTINELS))), thinking)
     parts = [text]
     for s in _SENTINELS[:len(names)]:
         head, sep, tail = parts[-1].partition(s)
@@ -71,21 +71,24 @@ def _single_ids(tokenizer: Any, texts) -> list[int]:
     return sorted(set(out))
 
 
-def make_templates(tokenizer: Any, summarizer_tokenizer: Any = None, *, step_by_step: bool = False) -> RCTemplates:
-    """Token pieces of rc/testtime.py's SOLVE_PROMPT (+ the training-time "step by step" line when `step_by_step`)
-    and SUMMARY_PROMPT (in the summarizer's chat template). Policy and summarizer must share one vocabulary, since
+def make_templates(tokenizer: Any, summarizer_tokenizer: Any = None, *, step_by_step: bool = False,
+                   solve_template: str = rcp.SOLVE_PROMPT, summary_template: str = rcp.SUMMARY_PROMPT) -> RCTemplates:
+    """Token pieces of the solve template (rc/prompts.py; + the training-time "step by step" line when
+    `step_by_step`) in the policy's thinking chat format, and of the summary template in the summarizer's chat
+    template with thinking disabled (the recipe's summarizer is the non-thinking Qwen3-4B-Instruct-2507, and a
+    policy that summarizes itself is prompted the same way). Policy and summarizer must share one vocabulary, since
     summary tokens flow from one to the other (Qwen3-4B-Instruct-2507 and the Thinking policy do)."""
     stok = summarizer_tokenizer or tokenizer
     if stok is not tokenizer and stok.get_vocab() != tokenizer.get_vocab():
         raise ValueError("rc summarizer tokenizer: its vocabulary differs from the policy's; summaries are passed "
                          "as tokens, so both must share one vocabulary")
-    solve = tt.SOLVE_PROMPT + (tt.STEP_BY_STEP if step_by_step else "")
-    close = tokenizer.convert_tokens_to_ids(tt.THINK_CLOSE)
+    solve = solve_template + (rcp.STEP_BY_STEP if step_by_step else "")
+    close = tokenizer.convert_tokens_to_ids(rcp.THINK_CLOSE)
     if close is None or close == tokenizer.unk_token_id:
-        raise ValueError(f"rc: the tokenizer has no single {tt.THINK_CLOSE} token")
-    drop = [i for i in tokenizer.convert_tokens_to_ids(list(tt._CHAT_TOKENS)) if i is not None]
+        raise ValueError(f"rc: the tokenizer has no single {rcp.THINK_CLOSE} token")
+    drop = [i for i in tokenizer.convert_tokens_to_ids(list(rcp._CHAT_TOKENS)) if i is not None]
     return RCTemplates(solve=_pieces(tokenizer, solve, ("problem", "summary")),
-                       summarize=_pieces(stok, tt.SUMMARY_PROMPT, ("problem", "existing_summary", "reasoning")),
+                       summarize=_pieces(stok, summary_template, rcp.SUMMARY_FIELDS, thinking=False),
                        drop_ids=jnp.asarray(sorted(set(drop)), jnp.int32),
                        space_ids=jnp.asarray(_single_ids(tokenizer, _SPACES), jnp.int32), think_close=int(close))
 

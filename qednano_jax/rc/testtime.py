@@ -18,97 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qednano_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN
-
-NO_SUMMARY = "[No previous summary]"
-_CHAT_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
-
-SOLVE_PROMPT = """\
-Below is a mathematics problem. You may also be shown a summary of an earlier attempt at it; that attempt may be
-right, partly right or wrong.
-
-### PROBLEM
-{problem}
-
-### SUMMARY OF PREVIOUS ATTEMPT
-{summary}
-
-### INSTRUCTIONS
-If there is no summary of an earlier attempt, solve the problem from the beginning.
-
-If there is one, build on it and do better than it did, using the summary to steer your thinking. For example, you can:
-- check the earlier solution carefully, step by step;
-- prove the result by another route;
-- look for a different strategy altogether;
-- pick up where the earlier attempt stopped, if it was unfinished."""
-
-STEP_BY_STEP = "\n\nThink it through step by step."
-
-SUMMARY_PROMPT = """\
-Below are a mathematics problem and the latest candidate solution to it. There may also be a summary of an earlier
-candidate; if so, the latest candidate was written with that summary in view.
-
-Write a summary of the latest candidate solution that:
-- describes in detail what it did: the overall strategy, theorems and lemmas it used, checks it made, calculations
-  and deductions;
-- relates it to the earlier summary, if there is one, so that a reader sees how the new attempt differs from or
-  extends the old one, and keeps every important fact from the earlier summary;
-- is at most two paragraphs of plain prose, with no headings;
-- is written in the first person, as by the solver;
-- still summarizes the attempt when it is unfinished.
-
-Important: add no reasoning of your own. Only summarize what the latest candidate solution contains.
-
-### PROBLEM
-{problem}
-
-### EXISTING SUMMARY
-{existing_summary}
-
-### LATEST CANDIDATE SOLUTION
-{reasoning}"""
-
-
-def solve_prompt(problem: str, summary: str = NO_SUMMARY, step_by_step: bool = False) -> str:
-    """The reasoning-turn user message conditioned on the current summary."""
-    return SOLVE_PROMPT.format(problem=problem, summary=summary) + (STEP_BY_STEP if step_by_step else "")
-
-
-def summary_prompt(problem: str, existing_summary: str, reasoning: str) -> str:
-    """The summarizer's user message: problem, previous summary, latest thinking."""
-    return SUMMARY_PROMPT.format(problem=problem, existing_summary=existing_summary, reasoning=reasoning)
-
-
-def strip_chat_tokens(text: str) -> str:
-    """Drop ChatML control tokens (end of turn, padding) and a leading `<think>` from a decoded completion."""
-    for tok in _CHAT_TOKENS:
-        text = text.replace(tok, "")
-    text = text.lstrip()
-    return text[len(THINK_OPEN):].lstrip("\n") if text.startswith(THINK_OPEN) else text
-
-
-def thinking_part(text: str) -> str:
-    """The reasoning before `</think>`; the whole output when the thinking never closed (truncated)."""
-    text = strip_chat_tokens(text)
-    return (text.split(THINK_CLOSE, 1)[0] if THINK_CLOSE in text else text).strip()
-
-
-def final_part(text: str) -> str:
-    """The answer after the last `</think>`; "" when the thinking never closed (SPEC §3: no proof)."""
-    text = strip_chat_tokens(text)
-    return text.rsplit(THINK_CLOSE, 1)[1].strip() if THINK_CLOSE in text else ""
-
-
-def summary_text(text: str) -> str:
-    """A summarizer reply: its final part when it thought first, else the whole reply."""
-    text = strip_chat_tokens(text)
-    return final_part(text) if THINK_CLOSE in text else text.strip()
-
-
-def decode(tokenizer: Any, token_ids: list[int]) -> str:
-    """Completion text with `</think>` kept (it is a special token in some tokenizers) and chat tokens removed."""
-    return strip_chat_tokens(tokenizer.decode(list(token_ids), skip_special_tokens=False))
-
+from qednano_jax.rc import cycle, state as rcs
+from qednano_jax.rc.prompts import NO_SUMMARY, decode, solve_prompt
 
 @dataclasses.dataclass
 class Turn:
@@ -149,8 +60,6 @@ def run_rc(policy: Any, tokenizer: Any, problems: list[str], sampling: Any, *, i
     `problems` are the full eval prompts (SPEC §4: {problem} is the "Generate a rigorous proof ..." message).
     `sampling`/`summary_sampling` are rollout SamplingParams; each turn t offsets their seed by t so turns differ.
     """
-    from qednano_jax.rc import cycle, state as rcs  # they import this module's prompts
-
     if iterations < 1:
         raise ValueError(f"rc iterations: expected >= 1, got {iterations}")
     summary_sampling = summary_sampling or sampling

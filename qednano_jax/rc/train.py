@@ -2,7 +2,8 @@
 
 Per optimizer step s:
 
-    RC actor   problems_per_step = rl.prompts_per_step / rc.states_sampled problems (the stage-2 prompt sampler);
+    RC actor   problems_per_step = rl.prompts_per_step / rc.states_sampled problems (the stage-2 prompt sampler;
+               the reasoning prompt's {problem} is the raw problem, as in the released RC actor);
                the CURRENT policy runs rc.cycles RC turns on each (rc/cycle.py: jitted on native engines, host
                loop otherwise), summarized by the summarizer (rc.summarizer: the policy's own backend by default,
                or a frozen model); each turn's own proof is graded for logging only
@@ -33,7 +34,8 @@ from qednano_jax import paths, sharding
 from qednano_jax.config import Config, ConfigError
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
-from qednano_jax.rc import cycle, state as rcs, testtime as tt
+from qednano_jax.prompts import load as load_prompt
+from qednano_jax.rc import cycle, prompts as rcp, state as rcs
 from qednano_jax.reward.grader import GraderStats
 from qednano_jax.rl import loop, pipeline
 from qednano_jax.rl.trainer import RLTrainer
@@ -108,10 +110,15 @@ class RCActor:
         self.cfg, self.rollout, self.summarizer, self.tokenizer = cfg, rollout, summarizer, tokenizer
         self.reward_fn, self.use_jit = reward_fn, use_jit
         rc = cfg.rc
-        self.tpl = cycle.make_templates(tokenizer, summarizer_tokenizer, step_by_step=rc.step_by_step)
+        self.tpl = cycle.make_templates(
+            tokenizer, summarizer_tokenizer, step_by_step=rc.step_by_step,
+            solve_template=load_prompt(rc.solve_prompt_file, "rc_solve.txt", rcp.SOLVE_FIELDS, "rc.solve_prompt_file"),
+            summary_template=load_prompt(rc.summary_prompt_file, "rc_summary.txt", rcp.SUMMARY_FIELDS,
+                                         "rc.summary_prompt_file"))
         width = problem_width(cfg, self.tpl)
+        # the reasoning prompt's {problem} is the raw problem; the grader sees the wrapped original (data.prompt_template)
         self.originals = [cfg.data.prompt_template.format(problem=p.problem) for p in prompts]
-        tokens = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.originals]
+        tokens = [tokenizer(p.problem, add_special_tokens=False)["input_ids"] for p in prompts]
         self.fits = [len(x) <= width for x in tokens]
         self.width = min(width, max(len(x) for x in tokens))
         if not any(self.fits):
@@ -135,7 +142,8 @@ class RCActor:
         return policy, summary
 
     def problems(self, positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        return cycle.tokenize_texts(self.tokenizer, [self.originals[p] for p in positions], self.width)
+        """The raw problem texts at `positions` as the reasoning prompt's {problem} tokens."""
+        return cycle.tokenize_texts(self.tokenizer, [self.prompts[p].problem for p in positions], self.width)
 
     def run(self, positions: list[int], step: int) -> tuple[rcs.RCState, dict]:
         """The RC state after rc.cycles summarized turns of the problems at `positions`, and actor metrics."""
@@ -203,7 +211,7 @@ class RCActor:
             ids, n = np.asarray(ids), np.asarray(n)
             out += [self.graded_prompt(pos, ids[j, :n[j]].tolist()) for j in range(len(chosen))]
             records.append({"step": step + 1, "problem": self.prompts[pos].index, "states": chosen,
-                            "summaries": [tt.decode(self.tokenizer, hist[i, j, :hlen[i, j]].tolist())
+                            "summaries": [rcp.decode(self.tokenizer, hist[i, j, :hlen[i, j]].tolist())
                                           for j in range(hist.shape[1])],
                             "turn_lengths": np.asarray(state.lengths[i]).tolist(),
                             "turn_rewards": [None if np.isnan(x) else float(x)

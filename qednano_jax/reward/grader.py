@@ -22,10 +22,8 @@ import dataclasses
 import logging
 import os
 import re
-import string
 import threading
 import time
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import requests
@@ -37,7 +35,6 @@ log = logging.getLogger(__name__)
 MAX_SCORE = 7
 THINK_CLOSE = "</think>"
 PROMPT_FIELDS = frozenset({"problem", "marking_scheme", "solution"})
-DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "grader.txt"
 
 # ----------------------------------------------------------------------------------------------- text in, text out
 
@@ -83,19 +80,8 @@ def format_marking_scheme(rubric) -> str:
 
 def load_prompt(path: str | os.PathLike = "") -> str:
     """The grading prompt template ('' = the bundled one); it must use exactly {problem} {marking_scheme} {solution}."""
-    p = Path(path) if path else DEFAULT_PROMPT
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"grader.prompt_file: cannot read {p}: {e}") from None
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    except ValueError as e:
-        raise ConfigError(f"grader.prompt_file: {p} is not a valid template ({e}); write literal braces as {{{{ }}}}") \
-            from None
-    if names != PROMPT_FIELDS:
-        raise ConfigError(f"grader.prompt_file: {p} uses fields {sorted(names)}, expected {sorted(PROMPT_FIELDS)}")
-    return text
+    from qednano_jax import prompts
+    return prompts.load(path, "grader.txt", PROMPT_FIELDS, "grader.prompt_file")
 
 
 _OUR_TAGS = re.compile(r"<(?=\s*/?\s*(?:score|assessment|errors)\b)", re.IGNORECASE)

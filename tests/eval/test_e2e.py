@@ -102,7 +102,7 @@ def test_rc_with_a_separate_summarizer_server(tmp_path, proof_hf_dir, tiny_hf_di
     """Test-time RC whose summaries come from another model behind HTTP (`python -m qednano_jax.serve` on the
     session's tiny model): every summary is that server's greedy reply to our summary prompt (asked again here with
     the same token ids, one at a time as in the eval), and it conditions the next turn."""
-    from qednano_jax.rc import testtime as tt
+    from qednano_jax.rc import prompts as rcp
     from qednano_jax.rollout.base import SamplingParams
 
     asked = []
@@ -129,8 +129,8 @@ def test_rc_with_a_separate_summarizer_server(tmp_path, proof_hf_dir, tiny_hf_di
     for r, (ids,) in zip(rows, asked):
         first, last = r["turns"]
         problem = first["prompt"].split("### PROBLEM\n", 1)[1].split("\n\n### SUMMARY", 1)[0]
-        ask = tt.summary_prompt(problem, tt.NO_SUMMARY, tt.thinking_part(first["text"]))
+        ask = rcp.summary_prompt(problem, rcp.NO_SUMMARY, rcp.thinking_part(first["text"]))
         assert tok.decode(ids).endswith(ask + "<|im_end|>\n<|im_start|>assistant\n<think>\n")
         (c,), = client.generate([ids], SamplingParams(max_new_tokens=12, temperature=0.0))
-        assert first["summary"] == tt.summary_text(tt.decode(tok, c.token_ids))
-        assert last["prompt"] == tt.solve_prompt(problem, first["summary"])
+        assert first["summary"] == rcp.summary_text(rcp.decode(tok, c.token_ids))
+        assert last["prompt"] == rcp.solve_prompt(problem, first["summary"])

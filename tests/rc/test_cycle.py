@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qednano_jax.data.tokenizer import load_tokenizer, prompt_ids
-from qednano_jax.rc import cycle, state as rcs, testtime as tt
+from qednano_jax.rc import cycle, prompts as rcp, state as rcs
 from qednano_jax.rollout.base import SamplingParams
 
 CLOSE, IM_END, SP = 9, 2, 7
@@ -102,10 +102,10 @@ def test_templates_match_the_text_prompts(tiny_hf_dir):
     t = cycle.make_templates(tok, step_by_step=True)
     problem = "Generate a rigorous proof to the following question:\n\nShow that 1 < 2."
     pb, pl = cycle.tokenize_texts(tok, [problem])
-    sb, sl = cycle.tokenize_texts(tok, [tt.NO_SUMMARY])
+    sb, sl = cycle.tokenize_texts(tok, [rcp.NO_SUMMARY])
     toks, n = cycle.reasoning_prompt(t, jnp.asarray(pb), jnp.asarray(pl), jnp.asarray(sb), jnp.asarray(sl))
     ids = np.asarray(toks[0, :n[0]]).tolist()
-    assert tok.decode(ids) == tok.decode(prompt_ids(tok, tt.solve_prompt(problem, tt.NO_SUMMARY, True)))
+    assert tok.decode(ids) == tok.decode(prompt_ids(tok, rcp.solve_prompt(problem, rcp.NO_SUMMARY, True)))
     assert t.think_close == tok.convert_tokens_to_ids("</think>")
 
 
@@ -138,3 +138,50 @@ def test_jitted_native_loop_equals_host_loop_over_http(tiny_hf_dir, native_serve
     for r in range(4):
         states = rcs.emitted_states(a, r)
         assert len(states) == 4 and states[0] == []
+
+
+@pytest.mark.parametrize("which", ["qwen3", "tiny"])
+def test_summary_prompt_is_the_non_thinking_chat_format(which, tiny_hf_dir):
+    """The summarizer's token prompt equals the tokenizer's own chat template with thinking disabled (the released RC
+    actor prompts the non-thinking Instruct-2507 summarizer so), for the real Qwen3 tokenizer file and our tiny one;
+    the reasoning prompt still opens <think>."""
+    tok = load_tokenizer(which if which == "qwen3" else tiny_hf_dir)
+    t = cycle.make_templates(tok)
+    problem, old, thought = "Show that 1 < 2.", "I tried nothing yet.", "Since 2 - 1 = 1 > 0, the claim holds."
+    enc = lambda s: cycle.tokenize_texts(tok, [s])
+    (pb, pl), (sb, sl), (rb, rl) = enc(problem), enc(old), enc(thought)
+    toks, n = cycle.summary_prompt(t, *(jnp.asarray(x) for x in (pb, pl, sb, sl, rb, rl)))
+    got = tok.decode(np.asarray(toks[0, :n[0]]).tolist())
+    messages = [{"role": "user", "content": rcp.summary_prompt(problem, old, thought)}]
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert got == want
+    if which == "tiny":
+        assert want.endswith("<|im_start|>assistant\n")
+    else:  # the hybrid Qwen3 template closes an empty thinking block when thinking is off
+        assert want.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    toks, n = cycle.reasoning_prompt(t, jnp.asarray(pb), jnp.asarray(pl), jnp.asarray(sb), jnp.asarray(sl))
+    assert tok.decode(np.asarray(toks[0, :n[0]]).tolist()).endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_prompt_files_are_checked_for_their_variables(tmp_path, tiny_hf_dir):
+    from qednano_jax.config import ConfigError
+    from qednano_jax.prompts import load
+    bad = tmp_path / "solve.txt"
+    bad.write_text("Solve {problem} from scratch.")
+    with pytest.raises(ConfigError, match=r"^rc.solve_prompt_file: .*solve.txt lacks the template variable\(s\) "
+                                          r"\{summary\}"):
+        load(bad, "rc_solve.txt", rcp.SOLVE_FIELDS, "rc.solve_prompt_file")
+    bad.write_text("Solve {problem} given {summary} and {hint}.")
+    with pytest.raises(ConfigError, match=r"unknown template variable\(s\) \{hint\}"):
+        load(bad, "rc_solve.txt", rcp.SOLVE_FIELDS, "rc.solve_prompt_file")
+    with pytest.raises(ConfigError, match="rc.solve_prompt_file: cannot read .*missing.txt"):
+        load(tmp_path / "missing.txt", "rc_solve.txt", rcp.SOLVE_FIELDS, "rc.solve_prompt_file")
+    good = tmp_path / "released.txt"
+    good.write_text("PROBLEM: {problem}\nSUMMARY: {summary}\nUse literal {{braces}}.")
+    tok = load_tokenizer(tiny_hf_dir)
+    t = cycle.make_templates(tok, solve_template=load(good, "rc_solve.txt", rcp.SOLVE_FIELDS, "rc.solve_prompt_file"))
+    pb, pl = cycle.tokenize_texts(tok, ["P"])
+    sb, sl = cycle.tokenize_texts(tok, ["S"])
+    toks, n = cycle.reasoning_prompt(t, jnp.asarray(pb), jnp.asarray(pl), jnp.asarray(sb), jnp.asarray(sl))
+    assert tok.decode(np.asarray(toks[0, :n[0]]).tolist()) == tok.decode(
+        prompt_ids(tok, "PROBLEM: P\nSUMMARY: S\nUse literal {braces}."))

@@ -55,7 +55,8 @@ def test_states_become_prompts_graded_against_the_original_problem(tiny_hf_dir, 
         s = rcs.transition(s, out, jnp.asarray([3, 2]), jnp.asarray([False, True]), summ, jnp.asarray([2, 1]))
     state_prompts, records = actor.state_prompts(s, step=5)
     assert len(state_prompts) == 4 and [r["problem"] for r in records] == [1, 0]
-    pb, pl = cycle.tokenize_texts(tok, [original[1], original[0]], actor.width)
+    # the reasoning prompt's {problem} is the raw problem (the released RC actor's), not the wrapped original
+    pb, pl = cycle.tokenize_texts(tok, [rows[1]["problem"], rows[0]["problem"]], actor.width)
     for i, (pos, rec) in enumerate(zip([1, 0], records)):
         chosen = rcs.sample_states(cfg.rc.seed, 5, pos, 4, 2)
         assert rec["states"] == chosen
@@ -68,6 +69,8 @@ def test_states_become_prompts_graded_against_the_original_problem(tiny_hf_dir, 
                                             jnp.asarray([summary + [0] * (4 - len(summary))]),
                                             jnp.asarray([len(summary)]))
             assert list(p.ids) == np.asarray(ids[0, :n[0]]).tolist()
+            text = tok.decode(list(p.ids))
+            assert rows[pos]["problem"] in text and "Generate a rigorous proof" not in text
     assert rcs.emitted_states(s, 0) == [[], [60, 61], [61, 61], [62, 61]]
     assert rcs.emitted_states(s, 1) == [[], [70], [71], [72]]
     # every RC turn's own proof is graded against the original problem too (logging only)
