@@ -247,6 +247,9 @@ class GraderConfig:
     backoff: tuple[float, ...] = field(default_factory=lambda: (15.0, 30.0, 60.0),
                                        help="seconds to wait before retry i (the last value repeats)")
     concurrency: int = field(64, "grader requests in flight at once (native backend: judge batch size)", ge=1)
+    max_failure_frac: float = field(0.25, "stop the run when more than this fraction of one grading batch's calls "
+                                    "fail (unreachable, HTTP errors, malformed replies after every retry); below it, "
+                                    "failed calls score 0 and are counted", ge=0, le=1)
     api_key_env: str = field("OPENAI_API_KEY", "NAME of the environment variable holding the API key (unset: no "
                              "Authorization header)")
     prompt_file: str = field("", "grading prompt template with {problem} {marking_scheme} {solution} ('' = the "

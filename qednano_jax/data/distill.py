@@ -226,7 +226,7 @@ def run_distill(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
     todo = [p for p in problems if p["problem_id"] not in journal.records]
     log(f"distill: {len(problems)} problems, {len(journal.records)} already in {journal.path}, {len(todo)} to do "
         f"({d.n} samples each) from {cfg.teacher.model} at {cfg.teacher.base_url}")
-    teacher = OpenAIGrader(cfg.teacher)
+    teacher = OpenAIGrader(cfg.teacher, role="teacher")
     grader = make_grader(cfg.grader) if d.grade and todo else None
     start = time.monotonic()
     tokens = {"prompt": 0, "completion": 0}

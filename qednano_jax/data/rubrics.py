@@ -201,7 +201,7 @@ def run_rubrics(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
         f"writer {cfg.writer.model} at {cfg.writer.base_url}"
         + (f"; difficulty: {r.k} rollouts each on {cfg.rollout.backend}, graded by {cfg.grader.model}"
            if r.difficulty else ""))
-    writer = OpenAIGrader(cfg.writer)
+    writer = OpenAIGrader(cfg.writer, role="scheme writer")
     rollout = tokenizer = grader = None
     if r.difficulty and todo:
         rollout, tokenizer = make_policy(cfg)

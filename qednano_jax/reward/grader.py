@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import logging
 import os
 import re
 import threading
 import time
 from typing import Iterable, Sequence
 
-import requests
-
+from qednano_jax import transport
 from qednano_jax.config import ConfigError, GraderConfig
 
-log = logging.getLogger(__name__)
 
 MAX_SCORE = 7
 THINK_CLOSE = "</think>"
@@ -124,6 +121,10 @@ def parse_score(reply: str | None) -> int | None:
 
 # ----------------------------------------------------------------------------------------------- results, stats
 
+class GraderError(RuntimeError):
+    """Too many grader calls of one batch failed (grader.max_failure_frac): the message names the endpoint."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
     """One grade. `score` is 0 whenever `failed` (the grader could not be reached), `no_score` (its reply held no
@@ -200,17 +201,25 @@ class Grader:
         with self._lock:
             for r in results:
                 self.stats.add(r)
+        self.check_failures(results)
         return results
+
+    def check_failures(self, results: Sequence[GradeResult]) -> None:
+        """Stop (GraderError) when more than `max_failure_frac` of one batch's grader calls failed: an endpoint
+        that is down or misconfigured would otherwise give every sample reward 0 and train on nothing."""
+        called = [r for r in results if not r.skipped]
+        failed = [r for r in called if r.failed]
+        if called and len(failed) / len(called) > self.cfg.max_failure_frac:
+            raise GraderError(f"grader: {len(failed)} of {len(called)} grading calls of this batch failed (more "
+                              f"than grader.max_failure_frac = {self.cfg.max_failure_frac:g}); last error: "
+                              f"{failed[-1].error}")
 
     def ask(self, prompt: str) -> tuple[str | None, str, int]:
         """Send a finished prompt through this backend (retries, timeouts, key handling included) and return
-        (reply, error, attempts); reply is None when the grader could not be reached. Never raises. For callers
+        (reply, error, attempts); reply is None when the grader could not be reached or its reply was malformed
+        (qednano_jax/transport.py). Anything else, a bug in building the request above all, raises. For callers
         with their own prompt and parser (eval's benchmark judges, SPEC.md §5); `grade` is built on it."""
-        try:
-            return self._reply(prompt)
-        except Exception as e:  # a backend bug must not stop a run either; it is logged and counted
-            log.exception("grader backend error")
-            return None, f"{type(e).__name__}: {e}", 1
+        return self._reply(prompt)
 
     def ask_many(self, prompts: list[str]) -> list[Answer]:
         """`ask` for each prompt, `cfg.concurrency` at a time; (reply, error, attempts, latency) in order."""
@@ -230,14 +239,6 @@ class Grader:
 
 # ----------------------------------------------------------------------------------------------- OpenAI-compatible
 
-class _Retryable(Exception):
-    """A failed request worth repeating."""
-
-
-class _Fatal(Exception):
-    """A failed request that repeating cannot fix (HTTP 4xx other than 408/429)."""
-
-
 class OpenAIGrader(Grader):
     """A grader behind an OpenAI-compatible endpoint: `POST {base_url}/chat/completions` or `{base_url}/responses`.
 
@@ -247,14 +248,15 @@ class OpenAIGrader(Grader):
     i (the last value repeats); other HTTP 4xx fail at once (retrying a bad request cannot help).
     """
 
-    def __init__(self, cfg: GraderConfig):
+    def __init__(self, cfg: GraderConfig, role: str = "grader"):
         super().__init__(cfg)
         if cfg.retries and not cfg.backoff:
             raise ConfigError("grader.backoff: give at least one wait (seconds) when grader.retries > 0")
         if any(b < 0 for b in cfg.backoff):
             raise ConfigError(f"grader.backoff: waits must be >= 0, got {list(cfg.backoff)}")
         self.url = cfg.base_url.rstrip("/") + ("/responses" if cfg.api == "responses" else "/chat/completions")
-        self._local = threading.local()
+        self.endpoint = transport.Endpoint(self.url, role=role, timeout=cfg.timeout, retries=cfg.retries,
+                                           backoff=cfg.backoff, api_key_env=cfg.api_key_env)
 
     def _body(self, prompt: str) -> dict:
         cfg = self.cfg
@@ -284,53 +286,13 @@ class OpenAIGrader(Grader):
                            for c in item.get("content") or [] if c.get("type") in ("output_text", "text"))
         raise ValueError(f"reply has neither 'choices' nor 'output' (keys: {sorted(data)[:8]})")
 
-    def _post(self, body: dict, headers: dict, parse):
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        try:
-            resp = session.post(self.url, json=body, headers=headers, timeout=self.cfg.timeout)
-        except requests.RequestException as e:  # timeouts, refused or dropped connections
-            raise _Retryable(f"{type(e).__name__}: {e}") from None
-        if resp.status_code != 200:
-            msg = f"HTTP {resp.status_code}: {resp.text[:300]}"
-            if resp.status_code in (408, 429) or resp.status_code >= 500:
-                raise _Retryable(msg)
-            raise _Fatal(msg)
-        try:
-            return parse(resp.json())
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise _Retryable(f"malformed reply: {e}: {resp.text[:300]}") from None
-
     def _reply(self, prompt: str) -> tuple[str | None, str, int]:
-        return self.request(self._body(prompt), self._text)
+        return self.endpoint.request(self._body(prompt), self._text)
 
     def request(self, body: dict, parse=None) -> tuple[object | None, str, int]:
-        """POST a finished JSON `body` to the endpoint with this grader's key, timeout, retries and backoff, and
-        return (parse(reply JSON), error, attempts); the value is None when every attempt failed. `parse` (default:
-        the whole JSON) raising ValueError/KeyError/IndexError/TypeError marks a malformed reply, which is retried.
-        The transport of `ask`, shared with callers that build their own requests (data/distill.py's teacher)."""
-        parse = parse or (lambda data: data)
-        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        scrub = (lambda s: s.replace(key, "***")) if key else (lambda s: s)
-        error = ""
-        for attempt in range(1, self.cfg.retries + 2):
-            try:
-                return self._post(body, headers, parse), "", attempt
-            except _Retryable as e:
-                error = scrub(f"{self.url}: {e}")
-            except _Fatal as e:
-                error = scrub(f"{self.url}: {e} (not retried)")
-                log.warning("grader request failed: %s", error)
-                return None, error, attempt
-            if attempt <= self.cfg.retries:
-                wait = self.cfg.backoff[min(attempt - 1, len(self.cfg.backoff) - 1)]
-                log.warning("grader request failed (attempt %d of %d), retrying in %.3g s: %s", attempt,
-                            self.cfg.retries + 1, wait, error)
-                time.sleep(wait)
-        log.warning("grader call failed after %d attempts, scoring 0: %s", self.cfg.retries + 1, error)
-        return None, error, self.cfg.retries + 1
+        """POST a finished JSON `body` to the endpoint (qednano_jax/transport.py: this grader's key, timeout,
+        retries and backoff) and return (parse(reply JSON), error, attempts); None when every attempt failed."""
+        return self.endpoint.request(body, parse)
 
 
 # ----------------------------------------------------------------------------------------------- native judge
@@ -373,11 +335,7 @@ class NativeGrader(Grader):
         out: list = [None] * len(prompts)
         rows, where = [], []
         for i, prompt in enumerate(prompts):
-            try:
-                ids = prompt_ids(self.tokenizer, prompt)
-            except Exception as e:
-                out[i] = (None, f"native judge: cannot tokenize the grading prompt: {type(e).__name__}: {e}", 1)
-                continue
+            ids = prompt_ids(self.tokenizer, prompt)
             room = min(self.cfg.max_tokens, limit - len(ids))
             if room < 1:
                 out[i] = (None, f"native judge: the grading prompt has {len(ids)} tokens, which leaves no room for "
@@ -386,16 +344,11 @@ class NativeGrader(Grader):
             rows.append((ids, SamplingParams(max_new_tokens=room, temperature=self.cfg.temperature,
                                              stop_token_ids=stop), seed, i))
             where.append(i)
-        if rows:
-            try:
-                for i, c in zip(where, self.engine.generate_rows(rows)):
-                    # decoded here with special tokens kept: a tokenizer may mark </think> special, and the
-                    # parser needs it to skip the judge's reasoning
-                    out[i] = (self.tokenizer.decode(c.token_ids, skip_special_tokens=False), "", 1)
-            except Exception as e:  # the judge failing must not stop a run: every prompt of the batch fails
-                log.exception("native judge failed")
-                for i in where:
-                    out[i] = (None, f"native judge: {type(e).__name__}: {e}", 1)
+        if rows:  # an in-process judge has no transport to fail: an error here is a bug, and it raises
+            for i, c in zip(where, self.engine.generate_rows(rows)):
+                # decoded here with special tokens kept: a tokenizer may mark </think> special, and the
+                # parser needs it to skip the judge's reasoning
+                out[i] = (self.tokenizer.decode(c.token_ids, skip_special_tokens=False), "", 1)
         latency = time.monotonic() - start
         return [(*o, latency) for o in out]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import requests
 
+from qednano_jax import transport
 from qednano_jax.config import ModelConfig, RolloutConfig
 from qednano_jax.rollout import refit as refit_lib
 from qednano_jax.rollout.base import Completion, RefitResult, RolloutError, SamplingParams, check_prompts
@@ -65,10 +66,6 @@ def parse_generate_reply(reply: dict, url: str, default_version: str) -> Complet
     return Completion(token_ids=ids, logprobs=lps, finish_reason=reason, text=reply.get("text", ""),
                       weight_version=str(version if version is not None else default_version),
                       prompt_tokens=prompt_tokens)
-
-
-class _Retryable(Exception):
-    pass
 
 
 class SGLangRollout:
@@ -229,19 +226,18 @@ class SGLangRollout:
             url = self._acquire()
             error = None
             try:
-                r = self._session().post(f"{url}/generate", json=payload, timeout=self.cfg.request_timeout)
-                if r.status_code == 429 or r.status_code >= 500:
-                    raise _Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
-                if r.status_code != 200:
-                    raise RolloutError(f"{url}/generate: HTTP {r.status_code}: {r.text[:500]}")
-                return parse_generate_reply(r.json(), url, self._version or "")
-            except (requests.RequestException, _Retryable, ValueError) as e:
-                error = last = f"{url}/generate: {type(e).__name__}: {e}"
+                return transport.post_json(self._session(), f"{url}/generate", payload, self.cfg.request_timeout,
+                                           lambda reply: parse_generate_reply(reply, url, self._version or ""))
+            except transport.Retryable as e:
+                error = last = f"{url}/generate: {e}"
+            except transport.Fatal as e:
+                raise RolloutError(f"{url}/generate: {e}") from None
             finally:
                 self._release(url, error)
             if attempt + 1 < attempts:
-                backoff = self.cfg.backoff[min(attempt, len(self.cfg.backoff) - 1)] if self.cfg.backoff else 0.0
-                log.warning("%s (attempt %d/%d); retrying in %.1fs", last, attempt + 1, attempts, backoff)
+                backoff = transport.wait(self.cfg.backoff, attempt + 1)
+                log.warning("rollout request failed (attempt %d/%d); retrying in %.1fs: %s", attempt + 1, attempts,
+                            backoff, last)
                 time.sleep(backoff)
         raise RolloutError(f"/generate failed {attempts} times (rollout.retries = {self.cfg.retries}); last error: "
                            f"{last}")

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from qednano_jax.reward.grader import GraderError
     from qednano_jax.train.driver import NonFinite
     try:
         if cfg.stage == "sft":
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found once the run starts (a held run-dir lock, a changed config on resume, ...)
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except NonFinite as e:
+    except (NonFinite, GraderError) as e:  # the run stopped on purpose; the last checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0  # finished, or preempted (SIGTERM / SIGINT) with a checkpoint to resume from

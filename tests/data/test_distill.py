@@ -72,7 +72,7 @@ def test_grades_use_the_rubric_column_or_the_default_scheme():
             seen.append(prompt)
             return (None, "HTTP 503", 2) if "BROKEN" in prompt else ("<score>6</score>", "", 1)
 
-    g = Scripted(GraderConfig())
+    g = Scripted(GraderConfig(max_failure_frac=1.0))  # per-sample grade errors are recorded, not fatal, here
     samples = [{"proof": "fine"}, {"proof": ""}, {"proof": "BROKEN"}]
     D._grade(g, {"problem": "P", "scheme": "SCHEME-A"}, samples, DistillConfig(grade=True, rubric_column="scheme"))
     assert [s["grade"] for s in samples] == [6, 0, None] and "HTTP 503" in samples[2]["grade_error"]

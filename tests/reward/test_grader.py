@@ -2,6 +2,7 @@
 HTTP server on 127.0.0.1 that injects faults (500s, hangs, garbage, no score, refused connections), plus the real
 SGLang server's /v1/chat/completions when QEDNANO_SGLANG_VENV is set (SPEC.md §3 "Reward")."""
 import dataclasses
+import re
 import http.server
 import json
 import logging
@@ -189,6 +190,11 @@ class StandIn:
             self.send(h, 200, b"<html>proxy error</html>")
         elif kind == "badrequest":                # 4xx: not retried
             self.send(h, 400, {"error": {"message": "context length exceeded"}})
+        elif kind == "some":                      # 500 for proofs that say FAIL, a grade for the others
+            if "FAIL" in self.prompt_of(body):
+                self.send(h, 500, {"error": "boom"})
+            else:
+                self.reply(h, body, GOOD)
         elif kind == "echo":                      # restates the prompt (with the proof) after its verdict
             self.reply(h, body, "<score>2</score>\nYou asked:\n" + self.prompt_of(body))
         else:
@@ -271,7 +277,7 @@ def test_faults_score_zero_are_counted_and_never_leak_the_key(standin, key_env, 
     }
     results = {}
     for model, expect in cases.items():
-        g = make(standin, model, key_env)
+        g = make(standin, model, key_env, max_failure_frac=1.0)  # one call per batch: no failure limit here
         r = g.grade("P", "R", "proof")
         results[model] = (r, g.stats)
         assert (r.score, r.reward, r.failed, r.no_score, r.attempts) == (0, 0.0, *expect), model
@@ -279,7 +285,7 @@ def test_faults_score_zero_are_counted_and_never_leak_the_key(standin, key_env, 
         assert (g.stats.failures, g.stats.no_score, g.stats.retries) == (int(expect[0]), int(expect[1]),
                                                                         expect[2] - 1), model
     g = G.make_grader(GraderConfig(base_url=f"http://127.0.0.1:{refused_port}/v1", api="chat", retries=1,
-                                   backoff=(0.01,), timeout=0.5, api_key_env=key_env))
+                                   backoff=(0.01,), timeout=0.5, api_key_env=key_env, max_failure_frac=1.0))
     r = g.grade("P", "R", "proof")
     results["refused"] = (r, g.stats)
     assert (r.score, r.failed, r.attempts, g.stats.failures) == (0, True, 2, 1)
@@ -290,6 +296,34 @@ def test_faults_score_zero_are_counted_and_never_leak_the_key(standin, key_env, 
     assert "***" in results["down:1"][0].error
     assert SECRET not in repr(results) + caplog.text
     assert SECRET not in json.dumps(to_dict(g.cfg))  # the config holds the variable's name only
+
+
+def test_failures_above_max_failure_frac_stop_naming_the_url_below_it_score_zero(standin):
+    g = make(standin, "some:1", retries=0, max_failure_frac=0.25)
+    items = [("P", "R", "proof FAIL" if i == 0 else f"proof {i}") for i in range(4)]  # 1 of 4 fails: at the limit
+    rs = g.grade_many(items)
+    assert [r.failed for r in rs] == [True, False, False, False] and [r.score for r in rs] == [0, 5, 5, 5]
+    assert g.stats.failures == 1
+    items = [("P", "R", "proof FAIL" if i < 2 else f"proof {i}") for i in range(4)]  # 2 of 4 > 0.25
+    with pytest.raises(G.GraderError, match=r"2 of 4 grading calls of this batch failed .*max_failure_frac = 0.25.*"
+                                            + re.escape(standin.url) + r"/chat/completions: HTTP 500"):
+        g.grade_many(items)
+    # empty proofs make no call and do not count toward the fraction
+    rs = g.grade_many([("P", "R", "proof FAIL"), ("P", "R", ""), ("P", "R", "ok 1"), ("P", "R", "ok 2"),
+                       ("P", "R", "ok 3")])
+    assert [r.skipped for r in rs] == [False, True, False, False, False]
+
+
+def test_a_bug_in_building_the_request_raises_instead_of_scoring_zero(standin, monkeypatch):
+    g = make(standin, "good:1")
+
+    def broken(prompt):
+        raise KeyError("messages")  # e.g. a typo in the request builder
+
+    monkeypatch.setattr(g, "_body", broken)
+    with pytest.raises(KeyError, match="messages"):
+        g.grade_many([("P", "R", "proof")] * 3)
+    assert g.stats.calls == 0
 
 
 def test_empty_proof_skips_the_grader(standin):
@@ -441,7 +475,8 @@ def test_native_judge_parses_after_its_reasoning(tiny_judge):
     assert tok.decode(prompt_ids).startswith("<|im_start|>user\n")  # the judge's chat template
     assert sampling.max_new_tokens == 64 and sampling.stop_token_ids == (tok.eos_token_id,)
     # a prompt that does not fit the judge's context fails, scores 0, is counted, and raises nothing
-    small = G.make_grader(GraderConfig(backend="native"), engine=ScriptedEngine(tok, "<score>7</score>", context=50),
+    small = G.make_grader(GraderConfig(backend="native", max_failure_frac=1.0),
+                          engine=ScriptedEngine(tok, "<score>7</score>", context=50),
                           tokenizer=tok)
     r = small.grade("P", "R", "a proof")
     assert (r.score, r.failed, small.stats.failures) == (0, True, 1) and "context" in r.error

@@ -2,6 +2,7 @@
 a programmatic reward learnt through the full loop on the native engine, exact resume, grader faults."""
 import http.server
 import json
+import re
 import threading
 
 import jax
@@ -14,7 +15,7 @@ from qednano_jax.data.rl import RL_PROMPT
 from qednano_jax.data.tokenizer import load_tokenizer
 from qednano_jax.model import qwen3
 from qednano_jax.model.hf import load_hf
-from qednano_jax.reward.grader import GradeResult, OpenAIGrader
+from qednano_jax.reward.grader import GradeResult, GraderError, OpenAIGrader
 from qednano_jax.rl import batch, loop
 from qednano_jax.rl.trainer import RLTrainer
 from qednano_jax.rollout.base import Completion
@@ -289,3 +290,33 @@ def test_train_step_compiles_once_whatever_the_packing(tmp_path, tiny_hf_dir):
         assert m["finite"] == 1.0 and m["grad_norm"] > 0
     trainer.close()
     assert [s[0] for s in seen] == [1, 3, 2] and all(s[1] == 1 for s in seen), seen
+
+
+def test_a_grader_failing_most_calls_stops_the_run_naming_its_url(tmp_path, tiny_hf_dir, monkeypatch):
+    """An OpenAI-compatible grader answering HTTP 500 to every call (a fault a real judge cannot be made to give on
+    demand: a stand-in server) stops the RL run at step 1 with the URL, instead of training on rewards of 0."""
+    # the random tiny policy never closes its thinking, so every proof would be empty and no call made: grade the
+    # whole completion instead
+    monkeypatch.setattr(OpenAIGrader, "proof_of", lambda self, text: text + " proof")
+    class Down(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": "overloaded"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        cfg = toy_config(tmp_path, tiny_hf_dir, "down", "train.steps=2", "grader.backend=openai",
+                         f"grader.base_url={url}", "grader.api=chat", "grader.retries=0", "grader.timeout=5")
+        with pytest.raises(GraderError, match=re.escape(f"{url}/chat/completions: HTTP 500")):
+            loop.run(cfg, log=lambda s: None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "down" / "checkpoints").exists() or not any((tmp_path / "down" / "checkpoints").iterdir())
