@@ -39,6 +39,7 @@ class Summary:
     grader_no_score: int            # grader replied without a valid grade (scored 0)
     truncated: int
     incomplete_runs: list[int]      # runs missing some problems (a partial file)
+    regraded: int = 0               # items whose grading failed on an earlier run and was done again
 
 
 def percent(record: dict) -> float:
@@ -75,12 +76,22 @@ def summarize(records: list[dict], name: str = "") -> Summary:
         items=len(records), mean=mean, std=std, run_means=run_means, categories=categories,
         tokens_per_problem=float(np.mean([float(r.get("tokens", 0)) for r in records])),
         grader_failures=sum(bool(r.get("grader_failed")) for r in records),
+        regraded=sum(int(r.get("regrades", 0)) > 0 for r in records),
         grader_no_score=sum(bool(r.get("grader_no_score")) for r in records),
         truncated=sum(bool(r.get("truncated")) for r in records), incomplete_runs=incomplete)
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """Complete lines of a result file (a torn last line from a crash is ignored; `eval.run` repairs it)."""
+    """The records of a result file, the LAST line of each (problem_id, run) item (a failed grade graded again on a
+    later run appends a newer line; it carries `regrades`), in file order of first appearance. A torn last line from
+    a crash is ignored (`eval.run` repairs it)."""
+    latest: dict[tuple, dict] = {}
+    for r in _lines(path):
+        latest[(r["problem_id"], int(r["run"]))] = r
+    return list(latest.values())
+
+
+def _lines(path: str | os.PathLike) -> list[dict]:
     out = []
     lines = Path(path).read_bytes().split(b"\n")
     for i, line in enumerate(lines, 1):

@@ -30,10 +30,14 @@ from qednano_jax.rc import prompts as rcp, testtime
 
 RESULTS = "results.jsonl"
 META = "eval_meta.json"
-# EvalConfig fields that change what an item means; a resumed run must agree on them with the file's first run.
-_IDENTITY = ("benchmark", "source", "split", "columns", "scaffold", "rc_iterations", "checkpoint", "max_new_tokens",
-             "temperature", "top_p", "top_k", "summary_max_new_tokens", "summary_temperature", "summarizer_urls",
-             "seed")
+# Config fields that change what an item means (what was generated, by what, from which seeds, graded how); a
+# resumed run must agree on them with the file's first run. batch_size fixes the sampling seeds (see `plan`).
+_IDENTITY = tuple(f"eval.{k}" for k in (
+    "benchmark", "source", "split", "columns", "scaffold", "rc_iterations", "checkpoint", "tokenizer",
+    "max_new_tokens", "temperature", "top_p", "top_k", "summary_max_new_tokens", "summary_temperature",
+    "summarizer_urls", "summarizer_tokenizer", "seed", "batch_size", "grading_prompt_file")) + tuple(
+    f"grader.{k}" for k in ("backend", "base_url", "model", "api", "reasoning_effort", "temperature", "max_tokens",
+                            "judge_path", "judge_tokenizer")) + ("rollout.backend", "rollout.urls")
 
 
 def item_key(problem_id: str, run: int) -> str:
@@ -47,8 +51,10 @@ class ResultsFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         cut_torn_line(self.path)
-        self.keys = {item_key(r["problem_id"], int(r["run"])) for r in report.read_results(self.path)} \
-            if self.path.exists() else set()
+        records = report.read_results(self.path) if self.path.exists() else []
+        # done items, and items whose grader failed (graded again from their stored proof: `evaluate`)
+        self.keys = {item_key(r["problem_id"], int(r["run"])) for r in records if not r.get("grader_failed")}
+        self.failed = {item_key(r["problem_id"], int(r["run"])): r for r in records if r.get("grader_failed")}
         self._lock = threading.Lock()
         self._f = open(self.path, "ab")
 
@@ -61,23 +67,37 @@ class ResultsFile:
             self._f.write(line)
             self._f.flush()
             os.fsync(self._f.fileno())
-            self.keys.add(key)
+            if not record.get("grader_failed"):
+                self.keys.add(key)
+                self.failed.pop(key, None)
 
     def close(self) -> None:
         self._f.close()
 
 
-def check_meta(out_dir: Path, ecfg: Any) -> None:
-    """Refuse to mix items of a different eval into one results file (the error names the first differing field)."""
-    now = {k: to_dict(getattr(ecfg, k)) for k in _IDENTITY}
+def identity(cfg: Any) -> dict:
+    """The `_IDENTITY` fields of a full eval config (section.field -> value)."""
+    out = {}
+    for k in _IDENTITY:
+        section, name = k.split(".")
+        out[k] = to_dict(getattr(getattr(cfg, section), name))
+    return out
+
+
+def check_meta(out_dir: Path, cfg: Any, write: bool = False) -> None:
+    """Refuse to mix items of a different eval into one results file (the error names the first differing key);
+    `write`: record this eval's identity when out_dir has none yet (once its inputs are validated)."""
+    now = identity(cfg)
     path = out_dir / META
     if path.exists():
-        before = json.loads(path.read_text())
+        # files written before the keys were qualified hold eval fields by their bare names
+        before = {(k if "." in k else f"eval.{k}"): v for k, v in json.loads(path.read_text()).items()}
         for k in _IDENTITY:
             if k in before and before[k] != now[k]:
-                raise ConfigError(f"eval.{k}: {out_dir} holds results made with {k}={before[k]!r}, this run has "
+                raise ConfigError(f"{k}: {out_dir} holds results made with {k}={before[k]!r}, this run has "
                                   f"{now[k]!r}; use another eval.out_dir (or the same settings to resume)")
-    else:
+    elif write:
+        out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=2))
 
 
@@ -208,12 +228,24 @@ def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, token
 
     out_dir = Path(ecfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_meta(out_dir, ecfg)
     results = ResultsFile(out_dir / RESULTS)
-    total = sum(len(batch) for _, batch, _ in plan(problems, results.keys, ecfg))
+    by_id = {p.id: p for p in problems}
+    regrade = [r for r in results.failed.values() if r["problem_id"] in by_id]
+    todo = plan(problems, results.keys | set(results.failed), ecfg)
+    total = sum(len(batch) for _, batch, _ in todo) + len(regrade)
     log(f"eval {fmt.name}: {len(problems)} problems x {ecfg.runs} runs; {len(results.keys)} items already graded, "
-        f"{total} to go -> {results.path}")
+        f"{len(regrade)} failed gradings to redo, {total - len(regrade)} to generate -> {results.path}")
     errors: list[BaseException] = []
+
+    def regraded(old: dict, fut: cf.Future, bar) -> None:
+        try:
+            (grade,) = fut.result()
+            results.append({**old, "score": grade.score, "grader_reply": grade.reply, "grader_failed": grade.failed,
+                            "grader_no_score": grade.no_score, "grader_error": grade.error,
+                            "regrades": int(old.get("regrades", 0)) + 1})
+            bar.update(1)
+        except BaseException as e:  # a bug, not a grader fault
+            errors.append(e)
 
     def finish(unit: list[tuple[Problem, int, testtime.RCResult, str]], fut: cf.Future, bar) -> None:
         try:
@@ -228,7 +260,11 @@ def evaluate(ecfg: Any, fmt: Format, problems: list[Problem], policy: Any, token
     futures = []
     try:
         with tqdm(total=total, desc=f"eval {fmt.name}", disable=not ecfg.progress) as bar:
-            for run, batch, seed in plan(problems, results.keys, ecfg):
+            for old in regrade:  # the stored proof, graded again (the item's generation is kept)
+                fut = pool.submit(judge, [(by_id[old["problem_id"]], old["proof"])])
+                futures.append(fut)
+                fut.add_done_callback(lambda f, o=old: regraded(o, f, bar))
+            for run, batch, seed in todo:
                 sampling = SamplingParams(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature,
                                           top_p=ecfg.top_p, top_k=ecfg.top_k, seed=seed)
                 summary_sampling = dataclasses.replace(sampling, max_new_tokens=ecfg.summary_max_new_tokens,
@@ -334,19 +370,22 @@ def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
             ecfg.grading_prompt_file, "", fmt.grading_fields, "eval.grading_prompt_file"))
     problems = benchmarks.load_benchmark(fmt, ecfg.source, ecfg.split, ecfg.limit, ecfg.columns)
     out_dir = Path(ecfg.out_dir)
-    done = ResultsFile(out_dir / RESULTS)
-    done.close()
-    missing = sum(item_key(p.id, r) not in done.keys for r in range(ecfg.runs) for p in problems)
+    check_meta(out_dir, cfg)  # before anything is written
+    path = out_dir / RESULTS
+    done = {item_key(r["problem_id"], int(r["run"])) for r in (report.read_results(path) if path.exists() else [])
+            if not r.get("grader_failed")}
+    missing = sum(item_key(p.id, r) not in done for r in range(ecfg.runs) for p in problems)
     if missing:
         model_cfg, placed, tokenizer = load_policy(cfg)
         params, mesh, rules = placed if placed else (None, None, None)
         policy = make_rollout(cfg.rollout, model_cfg, params, tokenizer, mesh=mesh, rules=rules)
         grader = make_grader(cfg.grader)
+        summarizer = load_summarizer(cfg, tokenizer)
+        check_meta(out_dir, cfg, write=True)
         evaluate(ecfg, fmt, problems, policy, tokenizer, make_judge(grader, fmt), extract,
-                 concurrency=cfg.grader.concurrency, batch_grading=batches_grading(grader),
-                 summarizer=load_summarizer(cfg, tokenizer), log=log)
+                 concurrency=cfg.grader.concurrency, batch_grading=batches_grading(grader), summarizer=summarizer,
+                 log=log)
     else:
-        check_meta(out_dir, ecfg)
         log(f"eval {fmt.name}: all {len(problems)} x {ecfg.runs} items already graded in {out_dir / RESULTS}")
     name = ecfg.name or out_dir.name
     summaries, table, chart = report.write_report([out_dir / RESULTS], out_dir, [name])

@@ -66,7 +66,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, proof_hf_dir):
     again = subprocess.run(cli_args(proof_hf_dir, out), cwd=ROOT, capture_output=True, text=True, timeout=600,
                            env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{n_kept} items already graded, {12 - n_kept} to go" in again.stdout
+    assert f"{n_kept} items already graded, 0 failed gradings to redo, {12 - n_kept} to generate" in again.stdout
     after = results.read_bytes()
     assert after.startswith(kept)
     assert keyed(results) == want                            # nothing lost, nothing duplicated, same items

@@ -42,10 +42,50 @@ def test_plan_keeps_batches_and_seeds_fixed_across_resume():
 
 
 def test_a_different_eval_cannot_append_to_the_same_results(tmp_path):
-    eval_run.check_meta(tmp_path, EvalConfig(runs=1))
-    eval_run.check_meta(tmp_path, EvalConfig(runs=3, limit=2))   # more runs or fewer problems: same eval, resumable
-    with pytest.raises(ConfigError, match="eval.scaffold: .* made with scaffold='single', this run has 'rc'"):
-        eval_run.check_meta(tmp_path, EvalConfig(scaffold="rc"))
+    cfg = lambda *o: load_eval_config(None, list(o))
+    eval_run.check_meta(tmp_path, cfg("eval.runs=1"), write=True)
+    # more runs or fewer problems: the same eval, resumable
+    eval_run.check_meta(tmp_path, cfg("eval.runs=3", "eval.limit=2"), write=True)
+    for override, key in [("eval.scaffold=rc", "eval.scaffold"), ("eval.batch_size=4", "eval.batch_size"),
+                          ("grader.model=other/judge", "grader.model"), ("grader.backend=native", "grader.backend"),
+                          ("rollout.urls=[http://10.0.0.5:30000]", "rollout.urls"),
+                          ("eval.checkpoint=runs/sft/hf", "eval.checkpoint")]:
+        with pytest.raises(ConfigError, match=f"^{key}: .* made with {key}="):
+            eval_run.check_meta(tmp_path, cfg(override))
+    # a file written before the keys were qualified (bare eval field names) is still checked
+    (tmp_path / eval_run.META).write_text(json.dumps({"scaffold": "single", "seed": 0}))
+    with pytest.raises(ConfigError, match="^eval.seed: "):
+        eval_run.check_meta(tmp_path, cfg("eval.seed=3"))
+
+
+def test_failed_grades_are_graded_again_on_the_next_run(tmp_path):
+    """An item whose grader call failed is re-judged from its stored proof (not regenerated); the newer line wins in
+    the report, which counts it as regraded."""
+    path = tmp_path / "results.jsonl"
+    rows = [{"problem_id": "a", "run": 0, "score": 7, "max_score": 7, "proof": "pa", "grader_failed": False},
+            {"problem_id": "b", "run": 0, "score": 0, "max_score": 7, "proof": "pb", "grader_failed": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ecfg = EvalConfig(runs=1, batch_size=2, out_dir=str(tmp_path), progress=False)
+    problems = [Problem(id="a", problem="A"), Problem(id="b", problem="B")]
+    judged = []
+
+    def judge(items):
+        judged.extend((p.id, proof) for p, proof in items)
+        return [eval_run.Grade(score=3, reply="<points>3 out of 7</points>") for _ in items]
+
+    class NoPolicy:
+        def generate(self, *a, **k):
+            raise AssertionError("nothing is generated again")
+
+    eval_run.evaluate(ecfg, eval_run.benchmarks.get_format("proofbench"), problems, NoPolicy(), None, judge,
+                      eval_run.extract, log=lambda s: None)
+    assert judged == [("b", "pb")]
+    latest = {r["problem_id"]: r for r in report.read_results(path)}
+    assert latest["b"]["score"] == 3 and latest["b"]["regrades"] == 1 and not latest["b"]["grader_failed"]
+    assert len(path.read_text().splitlines()) == 3   # append-only: the failed line is kept
+    s = report.summarize(report.read_results(path))
+    assert (s.items, s.grader_failures, s.regraded) == (2, 0, 1) and s.mean == pytest.approx(100 * (7 + 3) / 14)
+    assert eval_run.ResultsFile(path).keys == {"a#0", "b#0"}
 
 
 def test_configs_and_cli_errors(tmp_path):
