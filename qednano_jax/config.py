@@ -1,4 +1,4 @@
-"""Typed, documented, validated configs (DESIGN.md principle 6).
+"""Typed, documented, validated configs (docs/design.md principle 7).
 
 A config is a tree of frozen dataclasses. Every field is declared with `field(default, help, ...)`: a type (the
 annotation), a one-line description and optional bounds/choices. YAML files are loaded as
@@ -24,7 +24,17 @@ import yaml
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (a config key or value, a data file, a checkpoint or run dir): every CLI prints
+    its message as one line and exits 2 (qednano_jax/cli.py). The message names the key, file or line."""
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped on purpose with its last checkpoint intact (a non-finite step, a grader failing most of a
+    batch, rollout servers that never became healthy): every CLI prints it as one line and exits 1."""
+
+
+class ConfigError(UserError):
     """A config value is missing, unknown or out of bounds; the message names the field."""
 
 
@@ -42,7 +52,7 @@ def field(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Qwen3 decoder hyper-parameters (SPEC.md §1). The defaults are the tiny CPU demo model, which uses the real
+    """Qwen3 decoder hyper-parameters (docs/recipe.md §1). The defaults are the tiny CPU demo model, which uses the real
     Qwen3 vocabulary (151,936 rows) so that the real tokenizer drives it."""
     vocab_size: int = field(151936, "rows of the embedding / LM head", ge=1)
     hidden_size: int = field(64, "model width (embed axis)", ge=1)
@@ -98,7 +108,7 @@ def _default_rules() -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh and logical-axis rules (DESIGN.md principle 1). configs/mesh/{dp,fsdp,tp,fsdp_tp,fsdp_sp,
+    """Device mesh and logical-axis rules (docs/design.md principle 1). configs/mesh/{dp,fsdp,tp,fsdp_tp,fsdp_sp,
     fsdp_tp_sp}.yaml hold the strategies; include one with `mesh: mesh/fsdp.yaml`. A rule for `act_length` turns
     on sequence parallelism (model/attention.py): data.seq_len must then be a multiple of 2 x its mesh size."""
     shape: dict[str, int] = field(help="mesh axis sizes {data, fsdp, tensor[, sequence]}; one may be -1 (= remaining "
@@ -110,16 +120,16 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """FineProofs-SFT rows -> Qwen3 thinking chat -> packed rows (SPEC.md §2). The defaults read the bundled
+    """FineProofs-SFT rows -> Qwen3 thinking chat -> packed rows (docs/recipe.md §2). The defaults read the bundled
     sample file."""
     path: str = field(SAMPLE_SFT_DATA, "local .jsonl/.json/.parquet file or folder, or a hub dataset id "
                       "(e.g. lm-provers/FineProofs-SFT)")
     name: str | None = field(None, "hub dataset config (FineProofs-SFT: `default` = 4,281 unique problems, `all`)")
     split: str = field("train", "dataset split")
     tokenizer: str = field("qwen3", "`qwen3` (bundled real tokenizer) or a local HF tokenizer dir")
-    prompt_template: str = field("{problem}", "user turn; {problem} is replaced by the row's problem (SPEC.md §2: "
+    prompt_template: str = field("{problem}", "user turn; {problem} is replaced by the row's problem (docs/recipe.md §2: "
                                  "the teacher saw the raw problem)")
-    seq_len: int = field(1024, "tokens per packed row (SPEC.md §2 recipe: 45,056)", ge=8)
+    seq_len: int = field(1024, "tokens per packed row (docs/recipe.md §2 recipe: 45,056)", ge=8)
     overlong: str = field("truncate", "an example longer than seq_len: `drop` it or `truncate` it (counted either "
                           "way)", choices=("drop", "truncate"))
     on_malformed: str = field("error", "a row with a missing/empty/non-string field: `error` (naming row and field) "
@@ -130,7 +140,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with grad-norm clipping and a warmup + cosine (SFT) or constant (RL: 1e-6, SPEC.md §3) schedule."""
+    """AdamW with grad-norm clipping and a warmup + cosine (SFT) or constant (RL: 1e-6, docs/recipe.md §3) schedule."""
     lr: float = field(5e-3, "peak learning rate", gt=0)
     schedule: str = field("cosine", "learning-rate shape after warmup", choices=("cosine", "constant"))
     warmup_ratio: float = field(0.1, "fraction of train.steps spent in linear warmup from 0", ge=0, le=1)
@@ -163,7 +173,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """orbax checkpoints in run_dir/checkpoints (DESIGN.md principle 4)."""
+    """orbax checkpoints in run_dir/checkpoints (docs/design.md principle 4)."""
     every: int = field(20, "save every N steps (and at the last step)", ge=1)
     keep: int = field(3, "newest checkpoints kept", ge=1)
     async_save: bool = field(True, "write checkpoints in the background while training continues")
@@ -202,7 +212,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """Where rollouts come from (DESIGN.md principle 3; qednano_jax/rollout/). `native` samples in this process;
+    """Where rollouts come from (docs/design.md principle 3; qednano_jax/rollout/). `native` samples in this process;
     `sglang` talks HTTP to SGLang servers or to `python -m qednano_jax.serve` (same API)."""
     backend: str = field("native", "embedded JAX engine, or an HTTP client of SGLang-compatible servers",
                          choices=("native", "sglang"))
@@ -230,7 +240,7 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GraderConfig:
-    """The rubric grader (SPEC.md §3 "Reward"); defaults are the paper's GPT-OSS-20B grader. The API key is read from
+    """The rubric grader (docs/recipe.md §3 "Reward"); defaults are the paper's GPT-OSS-20B grader. The API key is read from
     the environment variable named by `api_key_env` and is never logged or saved."""
     backend: str = field("openai", "where grades come from: an OpenAI-compatible endpoint, or a judge checkpoint "
                          "run in-process on the native engine", choices=("openai", "native"))
@@ -256,7 +266,7 @@ class GraderConfig:
                              "bundled qednano_jax/prompts/grader.txt)")
     strip_self_evaluation: bool = field(False, "cut the proof at its first '# Evaluation' / 'Self Evaluation' / "
                                         "'Final Evaluation' heading, as the released evaluation does (done for "
-                                        "evaluation, SPEC.md §5; off in RL)")
+                                        "evaluation, docs/recipe.md §5; off in RL)")
     judge_path: str = field("", "native backend: HF checkpoint directory of the judge model")
     judge_tokenizer: str = field("", "native backend: the judge's tokenizer ('' = the one in judge_path, 'qwen3' = "
                                  "the bundled real Qwen3 tokenizer, or a directory)")
@@ -264,7 +274,7 @@ class GraderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The RL objective (SPEC.md §3 "Loss / optimizer"; see qednano_jax/rl/losses.py). Defaults are the paper's."""
+    """The RL objective (docs/recipe.md §3 "Loss / optimizer"; see qednano_jax/rl/losses.py). Defaults are the paper's."""
     policy_loss: str = field("ppo", "per-token policy loss (rl.losses.POLICY_LOSSES)", choices=("ppo", "reinforce"))
     clip_eps_low: float = field(4.0, "PPO clip: ratio floor 1 - eps_low for A < 0 (paper: 4)", ge=0)
     clip_eps_high: float = field(4.0, "PPO clip: ratio ceiling 1 + eps_high for A > 0 (paper: 4)", ge=0)
@@ -282,7 +292,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Stage 2: GRPO-style RL with rubric rewards (SPEC.md §3; qednano_jax/rl/loop.py). Defaults are the paper's
+    """Stage 2: GRPO-style RL with rubric rewards (docs/recipe.md §3; qednano_jax/rl/loop.py). Defaults are the paper's
     numbers. The prompts come from the top-level `data` section (path (`sample` = the bundled FineProofs-RL rows),
     tokenizer, prompt_template = the RL prompt, seq_len = the packed training row length, shuffle_seed = the prompt
     sampler's seed, max_examples, on_malformed); prompts too long for seq_len - max_tokens are dropped and counted.
@@ -297,7 +307,7 @@ class RLConfig:
     top_p: float = field(1.0, "nucleus sampling (1 = off; paper: 1)", gt=0, le=1)
     top_k: int = field(-1, "top-k sampling (-1 = off; paper: -1)", ge=-1)
     min_reward_mean: float = field(0.0, "keep only rows whose `reward_mean` (the dataset's difficulty estimate) is "
-                                   ">= this (0 and max 1 = no filter; SPEC.md §3 curriculum)", ge=0, le=1)
+                                   ">= this (0 and max 1 = no filter; docs/recipe.md §3 curriculum)", ge=0, le=1)
     max_reward_mean: float = field(1.0, "keep only rows whose `reward_mean` is <= this", ge=0, le=1)
     max_lag: int = field(0, "off-policy lag: the rollouts of step s+max_lag are generated (and graded) in the "
                          "background while step s trains, with the weights of step s; rollouts whose weight version "
@@ -315,7 +325,7 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RCConfig:
-    """Stage 3: RL with a reasoning cache (SPEC.md §4; qednano_jax/rc/). Each step draws rl.prompts_per_step /
+    """Stage 3: RL with a reasoning cache (docs/recipe.md §4; qednano_jax/rc/). Each step draws rl.prompts_per_step /
     states_sampled problems; per problem the current policy runs `cycles` RC turns (reason with rl.max_tokens at
     rl.temperature, summarize), the cycles' T + 1 states (the initial summary and each new one) are emitted, and
     `states_sampled` of them become training prompts with rl.group_size fresh rollouts each, graded against the
@@ -343,7 +353,7 @@ class RCConfig:
     loop: str = field("auto", "RC actor loop: `jit` = the whole multi-turn loop as one jitted program (native "
                       "engines only), `host` = one generate call per turn on any backend, `auto` = jit when the "
                       "policy and summarizer are native", choices=("auto", "jit", "host"))
-    grade_turns: bool = field(True, "grade each RC turn's own proof too, for logging (SPEC.md §4: not trained on)")
+    grade_turns: bool = field(True, "grade each RC turn's own proof too, for logging (docs/recipe.md §4: not trained on)")
     seed: int = field(0, "seed of the RC actor's sampling and of the choice of states (both derive from "
                       "(seed, step), so a resumed run makes the same choices)", ge=0)
     solve_prompt_file: str = field("", "reasoning-turn template with {problem} {summary} ('' = the bundled "
@@ -377,7 +387,7 @@ class PlanConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """`python -m qednano_jax.eval CONFIG`: proof benchmarks, graded as the paper grades them (SPEC.md §5; see
+    """`python -m qednano_jax.eval CONFIG`: proof benchmarks, graded as the paper grades them (docs/recipe.md §5; see
     qednano_jax/eval/). The defaults are the tiny CPU demo on the bundled IMO-ProofBench sample rows."""
     benchmark: str = field("imo_proofbench", "benchmark format (columns, generation and grading prompts)",
                            choices=("imo_proofbench", "proofbench", "imo_answerbench"))
@@ -388,7 +398,7 @@ class EvalConfig:
                                     default_factory=dict)
     limit: int = field(0, "evaluate only the first N problems (0 = all)", ge=0)
     runs: int = field(3, "k of avg@k: independent runs over every problem (paper: 3; AnswerBench: 1)", ge=1)
-    scaffold: str = field("single", "`single` turn, or `rc`: test-time reasoning cache (SPEC.md §4)",
+    scaffold: str = field("single", "`single` turn, or `rc`: test-time reasoning cache (docs/recipe.md §4)",
                           choices=("single", "rc"))
     rc_iterations: int = field(3, "rc: reasoning turns; a summary is written after each but the last", ge=1)
     checkpoint: str = field("random", "policy for the native engine: an HF checkpoint dir, or `random` (seeded init "
@@ -442,7 +452,7 @@ SAMPLE_PROBLEMS = str(Path(__file__).resolve().parent / "samples" / "fineproofs_
 
 @dataclasses.dataclass(frozen=True)
 class ProblemsConfig:
-    """The problems data generation starts from (SPEC.md §2: AI-MO/aops and AI-MO/olympiads, filtered, deduplicated
+    """The problems data generation starts from (docs/recipe.md §2: AI-MO/aops and AI-MO/olympiads, filtered, deduplicated
     and decontaminated). Rows come through `datasets` (data.sft.load_rows); the defaults read the bundled sample."""
     path: str = field(SAMPLE_PROBLEMS, "local .jsonl/.json/.parquet file or folder, or a hub dataset id")
     name: str | None = field(None, "hub dataset config")
@@ -458,7 +468,7 @@ class ProblemsConfig:
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
     """`python -m qednano_jax.data.dedup CONFIG`: exact and near-duplicate removal within the problems, and
-    decontamination against benchmark problems (SPEC.md §2), with a JSON report of every removal."""
+    decontamination against benchmark problems (docs/recipe.md §2), with a JSON report of every removal."""
     input: str = field("", "rows to deduplicate: a local file/folder or hub id ('' = problems.path; the whole input, "
                        "problems.limit does not apply)")
     output: str = field("runs/datagen/problems.dedup.jsonl", "kept rows (.jsonl or .parquet); the report goes next "
@@ -478,7 +488,7 @@ class DedupConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """`python -m qednano_jax.data.distill CONFIG`: teacher proofs as FineProofs-SFT rows (SPEC.md §2). The teacher
+    """`python -m qednano_jax.data.distill CONFIG`: teacher proofs as FineProofs-SFT rows (docs/recipe.md §2). The teacher
     endpoint is the `teacher` section (its transport: base_url, model, temperature, max_tokens, timeout, retries,
     backoff, concurrency, api_key_env)."""
     out_dir: str = field("runs/datagen/distill", "distill.jsonl (resumable), fineproofs_sft.{jsonl,parquet}, "
@@ -501,7 +511,7 @@ class DistillConfig:
 class RubricsConfig:
     """`python -m qednano_jax.data.rubrics CONFIG`: a 7-point marking scheme per problem from the `writer` endpoint,
     and the difficulty estimate (k policy rollouts graded against it by `grader`) as FineProofs-RL rows
-    (SPEC.md §3). Policy rollouts come from the `rollout` section (native engine on `policy`, or SGLang servers)."""
+    (docs/recipe.md §3). Policy rollouts come from the `rollout` section (native engine on `policy`, or SGLang servers)."""
     out_dir: str = field("runs/datagen/rubrics", "rubrics.jsonl (resumable), fineproofs_rl.{jsonl,parquet}, "
                          "summary.json")
     prompt_file: str = field("", "scheme-writer template with {problem} and {solution} ('' = the bundled "
@@ -511,7 +521,7 @@ class RubricsConfig:
     difficulty: bool = field(True, "estimate difficulty: k graded policy rollouts per problem")
     k: int = field(128, "rollouts per problem (paper: 128 of Qwen3-4B-Thinking-2507)", ge=1)
     prompt_template: str = field("Generate a rigorous proof to the following question:\n\n{problem}",
-                                 "policy user message (the RL prompt, SPEC.md §3)")
+                                 "policy user message (the RL prompt, docs/recipe.md §3)")
     max_tokens: int = field(49152, "policy completion budget (the RL budget; the paper's estimate budget is not "
                             "stated)", ge=1)
     temperature: float = field(0.8, "policy sampling temperature", ge=0)

@@ -1,7 +1,7 @@
 """Sharding planner: `python -m qednano_jax.plan [CONFIG] [key=value ...] [--devices 8,32] [--tpu v5p] [--json PATH]
 [--seq-len N] [--strategies dp,fsdp]` (the flags are shorthands for the plan.* config fields listed below).
 
-Answers "does this config fit, and how fast would it run?" before paying for a pod (DESIGN.md scale targets). For
+Answers "does this config fit, and how fast would it run?" before paying for a pod (docs/design.md scale targets). For
 each device count (plan.devices) and strategy (plan.strategies: the rule sets dp, fsdp, tp, fsdp_tp, fsdp_sp,
 fsdp_tp_sp of sharding.py and the config's own mesh section) it compiles the REAL train step of the config's stage
 (train/step.py make_train_step around sft_loss for `stage: sft`, around the RL loss of rl/losses.py for `rl` and `rc`;
@@ -536,20 +536,20 @@ def _device_flags(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from qednano_jax import cli
+    return cli.run(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from qednano_jax.config import PlanConfig, describe
         print(__doc__)
         print("\n".join(describe(PlanConfig, "plan.")))
         return 0
-    try:
-        path, overrides = _parse(argv)
-        cfg = load_config(path, overrides)
-        strategies_for(cfg)
-        load_tpu(cfg.plan.tpu)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    path, overrides = _parse(argv)
+    cfg = load_config(path, overrides)
+    strategies_for(cfg)
+    load_tpu(cfg.plan.tpu)
     need = max(cfg.plan.devices)
     from jax._src import xla_bridge  # XLA_FLAGS is read when the first backend starts, not at `import jax`
     if not xla_bridge.backends_are_initialized():

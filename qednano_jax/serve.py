@@ -1,7 +1,7 @@
 """`python -m qednano_jax.serve --model-path DIR [--port N] [--host 127.0.0.1]`: the native engine behind SGLang's HTTP API.
 
 So that TPU hosts without SGLang can serve rollouts to a trainer elsewhere, and one client (rollout/sglang.py) serves
-both. Routes and fields follow ../shared/SGLANG_API.md: `/generate` (input_ids or text, sampling_params, return_logprob;
+both. Routes and fields follow SGLang's native HTTP API (0.5.x): `/generate` (input_ids or text, sampling_params, return_logprob;
 meta_info with output_token_logprobs, completion_tokens, finish_reason {type}, weight_version),
 `/update_weights_from_disk` (loads an HF dir with model/hf.py load_hf), `/health`, `/health_generate`,
 `/get_model_info`, `/flush_cache`. Requests that arrive together are batched into one engine call (different

@@ -1,4 +1,4 @@
-"""Logical axis names -> mesh axes (DESIGN.md principle 1).
+"""Logical axis names -> mesh axes (docs/design.md principle 1).
 
 The model names every parameter and activation axis logically (`vocab`, `embed`, `heads`, ..., and `act_*` for
 activations). A rule set maps each logical name to a mesh axis (`data`, `fsdp`, `tensor`, `sequence`), a tuple of mesh
@@ -117,7 +117,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------- rule sets
-# One table per strategy (DESIGN.md principle 1); configs/mesh/<name>.yaml holds the same tables with mesh sizes
+# One table per strategy (docs/design.md principle 1); configs/mesh/<name>.yaml holds the same tables with mesh sizes
 # (tests/train/test_sharding_rules.py keeps the two in step). `batch` is the data's leading axis; `act_*` are the
 # model's activation axes. A name missing from a table is replicated.
 
@@ -167,7 +167,7 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int, batch_dim: int = 0,
 # ----------------------------------------------------------------------------------------------- multi-host
 
 def maybe_initialize_distributed() -> bool:
-    """Call `jax.distributed.initialize()` when the environment describes a multi-process run (DESIGN.md scale
+    """Call `jax.distributed.initialize()` when the environment describes a multi-process run (docs/design.md scale
     targets: multi-controller JAX, one process per host). Recognised: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES
     + JAX_PROCESS_ID (explicit), or a Cloud TPU pod / SLURM / Open MPI environment that jax detects on its own
     (TPU_WORKER_HOSTNAMES with several hosts, SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1). Returns whether it

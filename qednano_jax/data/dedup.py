@@ -1,4 +1,4 @@
-"""Deduplication and benchmark decontamination of problem sets (SPEC.md §2: "decontaminated against IMO-ProofBench
+"""Deduplication and benchmark decontamination of problem sets (docs/recipe.md §2: "decontaminated against IMO-ProofBench
 and ProofBench", "fuzzy and exact dedup").
 
     python -m qednano_jax.data.dedup configs/datagen/distill.yaml [key=value ...]
@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from qednano_jax.config import DataGenConfig
-from qednano_jax.data.sft import DataError, load_rows
+from qednano_jax.data.rows import DataError, check_mapping, load_rows
 
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
@@ -160,12 +160,12 @@ def run_dedup(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
 
     p, d = cfg.problems, cfg.dedup
     path = d.input or p.path
-    rows = load_rows(path, name=p.name, split=p.split)
+    rows = load_rows(path, name=p.name, split=p.split, key="dedup.input" if d.input else "problems.path")
     texts = []
-    for i, row in enumerate(rows):
-        t = row.get(p.text_column)
+    for i in range(len(rows)):
+        t = check_mapping(rows, i).get(p.text_column)
         if not isinstance(t, str) or not t.strip():
-            raise DataError(f"{path}: row {i}: column {p.text_column!r} is missing or empty")
+            raise DataError(f"{rows.where(i)}: column {p.text_column!r} is missing or empty")
         texts.append(t)
     bench = load_benchmark_items(d.benchmarks)
     kept, removed = dedup(texts, bench, ngram=d.ngram, threshold=d.threshold, decontam_threshold=d.decontam_threshold,

@@ -1,4 +1,4 @@
-"""Teacher distillation: problems -> teacher proofs -> FineProofs-SFT rows (SPEC.md §2 "Data generation").
+"""Teacher distillation: problems -> teacher proofs -> FineProofs-SFT rows (docs/recipe.md §2 "Data generation").
 
     python -m qednano_jax.data.distill configs/datagen/distill.yaml [key=value ...]
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from qednano_jax.config import DataGenConfig, describe, load_datagen_config, to_dict
-from qednano_jax.data.sft import DataError, load_rows
+from qednano_jax.data.rows import DataError, check_mapping, load_rows
 from qednano_jax.journal import cut_torn_line
 
 JOURNAL = "distill.jsonl"
@@ -47,19 +47,19 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 def load_problems(pcfg, extra_columns: tuple[str, ...] = ()) -> list[dict]:
     """The input problems as {problem_id, problem, <keep_columns present>, <extra_columns present>}; problem_id is
     the row's index. A missing text column or an empty problem is an error naming the row and the column."""
-    rows = load_rows(pcfg.path, name=pcfg.name, split=pcfg.split)
+    rows = load_rows(pcfg.path, name=pcfg.name, split=pcfg.split, key="problems.path")
     if pcfg.limit:
         rows = rows[: pcfg.limit]
-    if not rows:
-        raise DataError(f"problems.path {pcfg.path!r}: no rows")
-    if pcfg.text_column not in rows[0]:
+    first = check_mapping(rows, 0)
+    if pcfg.text_column not in first:
         raise DataError(f"problems.text_column: {pcfg.path} has no column {pcfg.text_column!r} (columns: "
-                        f"{sorted(rows[0])})")
+                        f"{sorted(first)})")
     out = []
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
+        row = check_mapping(rows, i)
         text = row.get(pcfg.text_column)
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{pcfg.path}: row {i}: column {pcfg.text_column!r} is "
+            raise DataError(f"{rows.where(i)}: column {pcfg.text_column!r} is "
                             f"{'empty' if isinstance(text, str) else type(text).__name__}, expected the problem text")
         item = {"problem_id": i, "problem": text}
         for c in (*pcfg.keep_columns, *extra_columns):
@@ -324,8 +324,8 @@ def cli(argv: list[str] | None, prog: str, doc: str, run: Callable[[DataGenConfi
     p.add_argument("config", help="configs/datagen/*.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.n=3")
     args = p.parse_args(argv)
-    summary = run(load_datagen_config(args.config, args.overrides))
-    return 1 if summary.get("failed") else 0
+    from qednano_jax import cli
+    return cli.run(lambda: 1 if run(load_datagen_config(args.config, args.overrides)).get("failed") else 0)
 
 
 if __name__ == "__main__":

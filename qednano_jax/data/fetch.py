@@ -1,4 +1,4 @@
-"""Download the paper's datasets from the Hugging Face hub into local files (SPEC.md §2, §3, §5).
+"""Download the paper's datasets from the Hugging Face hub into local files (docs/recipe.md §2, §3, §5).
 
 Training and eval machines here have no hub access, so run this once on a machine that has it, copy the folder
 over, and point `data.path` (SFT/RL) or `eval.source` (benchmarks) at the files:
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# hub id -> configs to fetch (None = the dataset's only config); SPEC.md §2 (SFT), §3 (RL), §5 (benchmarks)
+# hub id -> configs to fetch (None = the dataset's only config); docs/recipe.md §2 (SFT), §3 (RL), §5 (benchmarks)
 DATASETS: dict[str, tuple[str | None, ...]] = {
     "lm-provers/FineProofs-SFT": ("default", "all"),
     "lm-provers/FineProofs-RL": (None,),
@@ -25,7 +25,7 @@ DATASETS: dict[str, tuple[str | None, ...]] = {
     "lm-provers/ProofBench": (None,),
     "lm-provers/IMOBench-FinalAnswer": (None,),
 }
-# row counts stated on the dataset cards (SPEC.md §2, §3), printed next to what was downloaded
+# row counts stated on the dataset cards (docs/recipe.md §2, §3), printed next to what was downloaded
 CARD_ROWS = {("lm-provers/FineProofs-SFT", "default", "train"): 4281,
              ("lm-provers/FineProofs-SFT", "all", "train"): 7777,
              ("lm-provers/FineProofs-RL", None, "train"): 5227}

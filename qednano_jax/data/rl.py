@@ -1,11 +1,11 @@
-"""FineProofs-RL rows -> RL prompts, and the seeded prompt sampler whose state is checkpointed (SPEC.md §3).
+"""FineProofs-RL rows -> RL prompts, and the seeded prompt sampler whose state is checkpointed (docs/recipe.md §3).
 
 A row (`lm-provers/FineProofs-RL`: `problem`, `rubrics`, `reward_mean`, `scores`, ...) becomes an `RLPrompt`: the
 user turn `"Generate a rigorous proof to the following question:\\n\\n{problem}"` (the `data.prompt_template` of
 configs/rl.yaml) in the Qwen3 thinking chat format (`data.tokenizer.prompt_ids`: no system prompt, `<think>` opened),
-and the marking scheme the grader sees. The released loader drops `rubrics` for this dataset (SPEC.md §3 "Loader
+and the marking scheme the grader sees. The released loader drops `rubrics` for this dataset (docs/recipe.md §3 "Loader
 bug"); here `problem -> task` and `rubrics -> schema` are always mapped. Rows can be filtered on `reward_mean`
-(the dataset's 128-rollout difficulty estimate; the paper's curriculum thresholds are unknown, SPEC.md §3).
+(the dataset's 128-rollout difficulty estimate; the paper's curriculum thresholds are unknown, docs/recipe.md §3).
 
 `PromptSampler` draws prompts without replacement from a seeded permutation per epoch; its whole state is
 `{epoch, cursor, batches}`, saved in every checkpoint, so a resumed run draws the same prompts as an uninterrupted one.
@@ -20,11 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from qednano_jax.data.sft import DataError, load_rows
+from qednano_jax.data.rows import DataError, Rows, check_mapping, load_rows
 from qednano_jax.data.tokenizer import prompt_ids
 
 SAMPLE_RL_DATA = str(Path(__file__).resolve().parent.parent / "samples" / "fineproofs_rl.jsonl")
-RL_PROMPT = "Generate a rigorous proof to the following question:\n\n{problem}"  # SPEC.md §3 "Rollout / prompt"
+RL_PROMPT = "Generate a rigorous proof to the following question:\n\n{problem}"  # docs/recipe.md §3 "Rollout / prompt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,23 +48,24 @@ class RLDataStats:
     prompt_tokens_max: int = 0
 
 
-def check_row(row, index: int, need_reward_mean: bool) -> None:
-    """Raise DataError naming the row index and field when a FineProofs-RL row cannot be used."""
-    if not isinstance(row, dict):
-        raise DataError(f"row {index}: expected a mapping, got {type(row).__name__}")
+def check_row(rows: Rows, i: int, need_reward_mean: bool) -> dict:
+    """Row i as a FineProofs-RL dict, or DataError naming its file and line (or row) and the field."""
+    row = check_mapping(rows, i)
+    index = rows.where(i)
     p = row.get("problem")
     if not isinstance(p, str) or not p.strip():
-        raise DataError(f"row {index}: field 'problem' is {_what(p)}, expected a non-empty string")
+        raise DataError(f"{index}: field 'problem' is {_what(p)}, expected a non-empty string")
     r = row.get("rubrics")
     ok = (isinstance(r, str) and r.strip()) or (isinstance(r, (list, tuple)) and r
                                                  and all(isinstance(c, dict) for c in r))
     if not ok:
-        raise DataError(f"row {index}: field 'rubrics' is {_what(r)}, expected a marking scheme (a non-empty string "
+        raise DataError(f"{index}: field 'rubrics' is {_what(r)}, expected a marking scheme (a non-empty string "
                         "or a list of {title, points, desc})")
     m = row.get("reward_mean")
     if need_reward_mean and (not isinstance(m, numbers.Real) or isinstance(m, bool) or not np.isfinite(m)):
-        raise DataError(f"row {index}: field 'reward_mean' is {_what(m)}, expected a number (rl.min_reward_mean / "
+        raise DataError(f"{index}: field 'reward_mean' is {_what(m)}, expected a number (rl.min_reward_mean / "
                         "rl.max_reward_mean filter on it)")
+    return row
 
 
 def _what(v) -> str:
@@ -86,11 +87,13 @@ def build_prompts(rows, tokenizer, *, template: str = RL_PROMPT, max_prompt_toke
     if min_reward_mean > max_reward_mean:
         raise DataError(f"rl.min_reward_mean {min_reward_mean} > rl.max_reward_mean {max_reward_mean}: no row passes")
     filtering = min_reward_mean > 0 or max_reward_mean < 1
+    if not isinstance(rows, Rows):
+        rows = Rows(rows, [f"row {i}" for i in range(1, len(rows) + 1)])
     stats = RLDataStats(rows=len(rows))
     out = []
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         try:
-            check_row(row, i, filtering)
+            row = check_row(rows, i, filtering)
         except DataError:
             if on_malformed == "skip":
                 stats.skipped_malformed += 1
@@ -117,7 +120,7 @@ def load_prompts(data_cfg, rl_cfg, tokenizer, log: Callable[[str], None] = print
     folder, or a hub id such as lm-provers/FineProofs-RL), filtered per `rl`, prompts at most
     data.seq_len - rl.max_tokens tokens long."""
     path = SAMPLE_RL_DATA if data_cfg.path == "sample" else data_cfg.path
-    rows = load_rows(path, name=data_cfg.name, split=data_cfg.split)
+    rows = load_rows(path, name=data_cfg.name, split=data_cfg.split, key="data.path")
     if data_cfg.max_examples:
         rows = rows[: data_cfg.max_examples]
     room = data_cfg.seq_len - rl_cfg.max_tokens

@@ -1,10 +1,10 @@
-"""Marking schemes and difficulty estimates: problems -> FineProofs-RL rows (SPEC.md §3 "Data: FineProofs-RL").
+"""Marking schemes and difficulty estimates: problems -> FineProofs-RL rows (docs/recipe.md §3 "Data: FineProofs-RL").
 
     python -m qednano_jax.data.rubrics configs/datagen/rubrics.yaml [key=value ...]
 
 1. Scheme: the `writer` endpoint (the paper: Gemini-3-Pro) gets the problem and, when `problems.solution_column`
    names one, the official solution, through `rubrics.prompt_file` (ours: qednano_jax/prompts/marking_scheme.txt,
-   written in our own words after the structure of SPEC.md §3): Checkpoints worth 7 points in whole numbers, key
+   written in our own words after the structure of docs/recipe.md §3): Checkpoints worth 7 points in whole numbers, key
    ideas >= 4 and routine work <= 3, alternative approaches as parallel chains scored by their best chain;
    Zero-credit items; Deductions. `check_scheme` verifies that structure; a scheme that fails it is reported and,
    unless `rubrics.keep_invalid`, left out of the export.
@@ -32,7 +32,7 @@ import numpy as np
 
 from qednano_jax.config import ConfigError, DataGenConfig, to_dict
 from qednano_jax.data.distill import Journal, cli, load_problems, write_export
-from qednano_jax.data.sft import DataError
+from qednano_jax.data.rows import DataError
 
 JOURNAL = "rubrics.jsonl"
 EXPORT = "fineproofs_rl"
@@ -61,7 +61,7 @@ _CHAIN = re.compile(r"^[ \t#*]*chain\s+([A-Z])\b", re.IGNORECASE | re.MULTILINE)
 
 
 def check_scheme(text: str) -> list[str]:
-    """What is wrong with a marking scheme's structure (SPEC.md §3); [] when it is well formed.
+    """What is wrong with a marking scheme's structure (docs/recipe.md §3); [] when it is well formed.
 
     Checks: the three sections (Checkpoints, Zero-credit items, Deductions) in that order; checkpoint lines carry
     `(P pts, key|routine)` with whole P; each chain (or the single list) adds up to 7; key points >= 4 and routine

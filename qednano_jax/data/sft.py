@@ -1,7 +1,7 @@
-"""FineProofs-SFT rows -> Qwen3 thinking chat -> packed, loss-masked training rows (SPEC.md §2).
+"""FineProofs-SFT rows -> Qwen3 thinking chat -> packed, loss-masked training rows (docs/recipe.md §2).
 
 A row's `problem` is the user turn; the assistant turn is `<think>{reasoning_content}</think>{proof}` in the
-Qwen3-Thinking-2507 format, whose generation prompt already opens `<think>` (SPEC.md §1). So an example is
+Qwen3-Thinking-2507 format, whose generation prompt already opens `<think>` (docs/recipe.md §1). So an example is
 
     prompt_ids(problem)  +  tokens of  "{reasoning}\n</think>\n\n{proof}<|im_end|>"
     loss 0 ..............   loss 1 (the completion: what the model writes after the generation prompt)
@@ -15,21 +15,17 @@ state after a batch (grain get_state/set_state, saved in every checkpoint) resum
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import grain
 import numpy as np
 
+from qednano_jax.data.rows import DataError, Rows, check_mapping, load_rows
 from qednano_jax.data.tokenizer import THINK_CLOSE, prompt_ids
 
 REQUIRED_FIELDS = ("problem", "reasoning_content", "proof")
 IM_END = "<|im_end|>"
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "example_id")
-
-
-class DataError(ValueError):
-    """A malformed row or an unreadable data source; the message names the row index and field or the path."""
 
 
 @dataclasses.dataclass
@@ -46,42 +42,17 @@ class DataStats:
 
 # ----------------------------------------------------------------------------------------------- rows
 
-def load_rows(path: str, *, name: str | None = None, split: str = "train") -> list[dict]:
-    """Rows of a local .jsonl/.json/.parquet file (or a folder of them) or a hub dataset id, via `datasets`."""
-    import datasets
-
-    p = Path(path)
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if p.is_file():
-        if p.suffix not in kind:
-            raise DataError(f"{path}: unsupported data file (use .jsonl, .json or .parquet)")
-        ds = datasets.load_dataset(kind[p.suffix], data_files=str(p), split="train")
-    elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in kind)
-        if not files:
-            raise DataError(f"{path}: folder holds no .jsonl/.json/.parquet files")
-        ds = datasets.load_dataset(kind[files[0].suffix], data_files=[str(f) for f in files
-                                                                     if kind[f.suffix] == kind[files[0].suffix]],
-                                   split="train")
-    else:
-        try:
-            ds = datasets.load_dataset(path, name, split=split)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path named
-            raise DataError(f"data.path {path!r}: not a local file/folder and not loadable from the hub ({e})") from e
-    return ds.to_list()
-
-
-def check_row(row: Any, index: int) -> None:
-    """Raise DataError naming the row index and field when a FineProofs-SFT row cannot be used."""
-    if not isinstance(row, dict):
-        raise DataError(f"row {index}: expected a mapping, got {type(row).__name__}")
+def check_row(rows: Rows, i: int) -> dict:
+    """Row i as a FineProofs-SFT dict, or DataError naming its file and line (or row) and the field."""
+    row = check_mapping(rows, i)
     for f in REQUIRED_FIELDS:
         v = row.get(f)
         if not isinstance(v, str):
-            raise DataError(f"row {index}: field {f!r} is {'missing' if v is None else type(v).__name__}, "
+            raise DataError(f"{rows.where(i)}: field {f!r} is {'missing' if v is None else type(v).__name__}, "
                             "expected a string")
         if f != "reasoning_content" and not v.strip():
-            raise DataError(f"row {index}: field {f!r} is empty")
+            raise DataError(f"{rows.where(i)}: field {f!r} is empty")
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- one example
@@ -107,15 +78,18 @@ def build_examples(rows: Sequence[dict], tokenizer, *, seq_len: int, overlong: s
     """Tokenized training examples (next-token `tokens`/`targets`/`loss_mask`, each at most seq_len long).
 
     An example with more than seq_len + 1 ids is dropped or truncated (policy `overlong`); one whose kept part has
-    no assistant token is dropped either way. Row indices in errors are positions in the full dataset
-    (`first_index + i * index_step`, for per-host slices).
+    no assistant token is dropped either way. Errors name each row's file and line (`Rows` from data/rows.py; plain
+    lists: the 1-based row of the full dataset); `example_id` is the position in the full dataset
+    (`first_index + i * index_step`, for per-host slices), plus 1.
     """
+    if not isinstance(rows, Rows):
+        rows = Rows(rows, [f"row {first_index + i * index_step + 1}" for i in range(len(rows))])
     stats = DataStats(rows=len(rows))
     out = []
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         index = first_index + i * index_step
         try:
-            check_row(row, index)
+            row = check_row(rows, i)
         except DataError:
             if on_malformed == "skip":
                 stats.skipped_malformed += 1
@@ -170,7 +144,7 @@ def sft_batches(cfg_data, *, batch_rows: int, tokenizer=None, process_index: int
     from qednano_jax.data.tokenizer import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(cfg_data.tokenizer)
-    rows = load_rows(cfg_data.path, name=cfg_data.name, split=cfg_data.split)
+    rows = load_rows(cfg_data.path, name=cfg_data.name, split=cfg_data.split, key="data.path")
     if cfg_data.max_examples:
         rows = rows[: cfg_data.max_examples]
     mine = rows[process_index::process_count]
@@ -180,6 +154,10 @@ def sft_batches(cfg_data, *, batch_rows: int, tokenizer=None, process_index: int
     log(f"data: {stats.rows} rows -> {stats.used} examples ({stats.tokens} tokens, {stats.assistant_tokens} "
         f"assistant); over-long (seq_len {cfg_data.seq_len}): {stats.truncated} truncated, "
         f"{stats.dropped_overlong} dropped; malformed skipped: {stats.skipped_malformed}")
+    if not examples:
+        raise DataError(f"data.path: {cfg_data.path} gave no usable example ({stats.rows} rows: "
+                        f"{stats.skipped_malformed} malformed skipped, {stats.dropped_overlong} over-long dropped at "
+                        f"data.seq_len {cfg_data.seq_len})")
     return packed_batches(examples, seq_len=cfg_data.seq_len, batch_rows=batch_rows,
                           seed=cfg_data.shuffle_seed), stats
 

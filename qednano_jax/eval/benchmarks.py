@@ -1,4 +1,4 @@
-"""Proof benchmarks in their published formats (SPEC.md §5): IMO-ProofBench, ProofBench, IMO-AnswerBench.
+"""Proof benchmarks in their published formats (docs/recipe.md §5): IMO-ProofBench, ProofBench, IMO-AnswerBench.
 
 Rows come through `datasets` from a hub id, a local file (.jsonl/.json/.csv/.parquet) or a local dataset folder;
 `source: sample` reads the rows shipped in `qednano_jax/samples/<format>.jsonl`. One table per format maps our field
@@ -11,12 +11,13 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+from qednano_jax.config import UserError
 from qednano_jax.eval import prompts
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
     """A benchmark source, column or row is unusable; the message names the file, column or row."""
 
 
@@ -35,7 +36,7 @@ def _imo_proofbench_level(problem_id: str) -> str:
 class Format:
     """How one benchmark's rows look and how they are prompted and graded."""
     name: str
-    hub_id: str                              # the id the paper's code loads (SPEC §5)
+    hub_id: str                              # the id the paper's code loads (docs/recipe.md §5)
     columns: dict[str, str]                  # our field -> dataset column
     required: tuple[str, ...]                # fields that must exist as columns
     generation_prompt: str                   # user message template, `{problem}`
@@ -94,25 +95,22 @@ def get_format(name: str) -> Format:
 
 
 def _load_rows(source: str, split: str):
-    import datasets
+    """Rows (data/rows.py: every error names the file and line) of a file, folder or hub id; a saved `datasets`
+    folder (dataset_info.json + .arrow files) is read with load_from_disk."""
+    from qednano_jax.data.rows import Rows, check_mapping, load_rows
 
     path = Path(source)
-    if path.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise BenchmarkError(f"{source}: unsupported benchmark file type {path.suffix!r} (use .jsonl, .json, .csv or "
-                             ".parquet)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
-    if path.suffix in (".jsonl", ".json", ".csv", ".parquet") or source.startswith((".", "/")):
-        if not path.exists():
-            raise BenchmarkError(f"eval.source: benchmark file {source} does not exist")
-    if path.is_dir() and any(path.glob("*.arrow")) and (path / "dataset_info.json").is_file():
-        return datasets.load_from_disk(str(path))
-    try:
-        return datasets.load_dataset(source, split=split)
-    except Exception as e:  # offline, wrong id, wrong split: say which
-        raise BenchmarkError(f"eval.source: cannot load benchmark {source!r} split {split!r} through datasets "
-                         f"({type(e).__name__}: {e})") from None
+    if path.is_file() and path.suffix == ".csv":
+        import datasets
+        ds = datasets.load_dataset("csv", data_files=str(path), split="train")
+        rows = Rows(ds.to_list(), [f"{source} row {i}" for i in range(1, len(ds) + 1)])
+    elif path.is_dir() and any(path.glob("*.arrow")) and (path / "dataset_info.json").is_file():
+        import datasets
+        ds = datasets.load_from_disk(str(path))
+        rows = Rows(ds.to_list(), [f"{source} row {i}" for i in range(1, len(ds) + 1)])
+    else:
+        rows = load_rows(source, split=split, key="eval.source")
+    return Rows([check_mapping(rows, i) for i in range(len(rows))], rows.labels)
 
 
 def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "train", limit: int = 0,
@@ -132,22 +130,22 @@ def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "trai
         raise BenchmarkError(f"eval.columns: unknown field {unknown[0]!r} (known: id, problem, solution, guidelines, "
                          "answer, category)")
     ds = _load_rows(source, split)
-    names = set(ds.column_names)
+    names = {k for row in ds for k in row}
     for f in fmt.required:
         if table[f] not in names:
             raise BenchmarkError(f"{source}: benchmark {fmt.name} needs column {table[f]!r} (for {f}); the rows have "
                              f"columns {sorted(names)}. Map it with eval.columns.{f}=<column>")
     if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+        ds = ds[:limit]
     problems, seen = [], set()
     for i, row in enumerate(ds):
         vals = {f: ("" if row.get(col) is None else str(row[col])) for f, col in table.items() if col in names}
         if table["category"] not in names and fmt.category_from_id:
             vals["category"] = fmt.category_from_id(vals["id"])
         if not vals["problem"].strip():
-            raise BenchmarkError(f"{source}: row {i}: empty {table['problem']!r}")
+            raise BenchmarkError(f"{ds.where(i)}: empty {table['problem']!r}")
         if vals["id"] in seen:
-            raise BenchmarkError(f"{source}: row {i}: duplicate {table['id']!r} {vals['id']!r} (ids key the results)")
+            raise BenchmarkError(f"{ds.where(i)}: duplicate {table['id']!r} {vals['id']!r} (ids key the results)")
         seen.add(vals["id"])
         problems.append(Problem(**vals))
     if not problems:
@@ -156,7 +154,7 @@ def load_benchmark(fmt: Format | str, source: str = "sample", split: str = "trai
 
 
 def generation_prompt(fmt: Format, problem: Problem) -> str:
-    """The user message for one problem (SPEC §5)."""
+    """The user message for one problem (docs/recipe.md §5)."""
     return fmt.generation_prompt.format(problem=problem.problem)
 
 

@@ -1,7 +1,7 @@
-"""Eval prompts, written in our own words with the structure SPEC.md §5 describes (the judge templates are files in
+"""Eval prompts, written in our own words with the structure docs/recipe.md §5 describes (the judge templates are files in
 qednano_jax/prompts/), and their reply parsers.
 
-- Generation: the paper's user messages, verbatim (SPEC §5): proofs get "Generate a rigorous proof ...", AnswerBench
+- Generation: the paper's user messages, verbatim (docs/recipe.md §5): proofs get "Generate a rigorous proof ...", AnswerBench
   asks for a boxed final answer.
 - IMO-ProofBench grading: problem + reference solution + grading guidelines + proof; the grade is one of the
   IMO-ProofBench levels {0, 1, 6, 7}, reported as `<points>N out of 7</points>`.

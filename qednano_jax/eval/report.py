@@ -1,4 +1,4 @@
-"""Eval reports: avg@k with the std across runs, per-category means, tokens per problem (SPEC.md §5).
+"""Eval reports: avg@k with the std across runs, per-category means, tokens per problem (docs/recipe.md §5).
 
 A result file is JSONL, one line per (problem, run) (written by `eval.run`). The arithmetic follows the paper's
 stats: each run's mean over problems first, then the mean over the k runs (avg@k) and their sample std (ddof=1);
@@ -11,11 +11,11 @@ per result file) and `DIR/scores.png` (one bar group per result file), e.g. to c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -167,8 +167,15 @@ def write_report(result_files: list[str | os.PathLike], out_dir: str | os.PathLi
     return summaries, table, bar_chart(summaries, out / "scores.png")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qednano_jax.eval.report", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    from qednano_jax import cli
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from qednano_jax import cli
+    from qednano_jax.config import UserError
+    p = cli.ArgumentParser(prog="python -m qednano_jax.eval.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="result JSONL files (one per run/checkpoint) to compare")
     p.add_argument("--out", required=True, help="folder for summary.md, summary.json and scores.png")
     p.add_argument("--names", nargs="*", help="one label per result file (default: file or folder name)")
@@ -177,10 +184,17 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--names: got {len(a.names)} labels for {len(a.results)} result files")
     for f in a.results:
         if not Path(f).is_file():
-            p.error(f"{f}: no such result file")
+            raise UserError(f"{f}: no such result file")
+        try:
+            records = read_results(f)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{f}: not a result file of python -m qednano_jax.eval ({e})") from None
+        if not records:
+            raise UserError(f"{f}: no graded items in this result file")
     _, table, chart = write_report(a.results, a.out, a.names)
     print(table.read_text() + f"\nchart: {chart}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The eval loop (SPEC.md §5): generate proofs for a benchmark with a scaffold, grade each one, append it to a
+"""The eval loop (docs/recipe.md §5): generate proofs for a benchmark with a scaffold, grade each one, append it to a
 resumable JSONL file, then write the avg@k report.
 
     for run r in 0..k-1, for each batch of problems not yet in results.jsonl:
@@ -143,7 +143,7 @@ def make_judge(grader: Any, fmt: Format) -> Callable[[list[tuple[Problem, str]]]
 
     `grader` is a reward.grader.Grader (any backend); `ask_many` sends finished prompts through its client
     (retries, backoff, timeouts, key handling, batching on the native judge) and we parse the replies with the
-    eval parser (SPEC §5). An unreachable grader, and a reply without a valid grade, both score 0 and are recorded.
+    eval parser (docs/recipe.md §5). An unreachable grader, and a reply without a valid grade, both score 0 and are recorded.
     """
     parse = prompts.parse_points if fmt.kind == "proof" else prompts.parse_verdict
 
@@ -170,7 +170,7 @@ def batches_grading(grader: Any) -> bool:
 
 
 def extract(text: str) -> str:
-    """The graded text (SPEC §5): after the last `</think>`, cut at its first "Evaluation" / "Self Evaluation" /
+    """The graded text (docs/recipe.md §5): after the last `</think>`, cut at its first "Evaluation" / "Self Evaluation" /
     "Final Evaluation" heading (grader.extract_proof); "" when the thinking never closed (scored 0 without a grader
     call)."""
     from qednano_jax.reward.grader import extract_proof

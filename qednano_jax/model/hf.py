@@ -1,4 +1,4 @@
-"""HF Qwen3 checkpoints in and out (DESIGN.md principle 5, SPEC.md §1).
+"""HF Qwen3 checkpoints in and out (docs/design.md principle 5, docs/recipe.md §1).
 
 In: a local HF directory (config.json + model.safetensors, or shards listed in model.safetensors.index.json) is read
 straight onto the target sharding, one parameter at a time, each device reading only its own slice of the files.
@@ -33,7 +33,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from qednano_jax import paths
-from qednano_jax.config import ModelConfig, from_dict
+from qednano_jax.config import ModelConfig, UserError, from_dict
 from qednano_jax.model import qwen3
 from qednano_jax.sharding import Rules, tree_shardings
 
@@ -42,7 +42,7 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype codes a float parameter may be stored as
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
-# Sampling defaults of Qwen3-4B-Thinking-2507's own generation_config.json (SPEC.md §1 base model)
+# Sampling defaults of Qwen3-4B-Thinking-2507's own generation_config.json (docs/recipe.md §1 base model)
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
@@ -167,24 +167,24 @@ def model_config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     arch = hf.get("architectures") or [ARCHITECTURE]
     mtype = hf.get("model_type", MODEL_TYPE)
     if ARCHITECTURE not in arch or mtype != MODEL_TYPE:
-        raise ValueError(f"config.json: architecture {arch} / model_type {mtype!r} is not supported; "
+        raise CheckpointError(f"config.json: architecture {arch} / model_type {mtype!r} is not supported; "
                          f"only {ARCHITECTURE} (model_type {MODEL_TYPE!r}) is")
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     for where, r in (("rope_parameters", rope), ("rope_scaling", scaling)):
         kind = r.get("rope_type", r.get("type", "default"))
         if kind != "default":
-            raise ValueError(f"config.json: {where}.rope_type {kind!r} is not supported (only plain RoPE)")
+            raise CheckpointError(f"config.json: {where}.rope_type {kind!r} is not supported (only plain RoPE)")
     checks = (("hidden_act", "silu"), ("attention_bias", False), ("use_sliding_window", False))
     for key, want in checks:
         if hf.get(key, want) != want:
-            raise ValueError(f"config.json: {key} = {hf[key]!r} is not supported (expected {want!r})")
+            raise CheckpointError(f"config.json: {key} = {hf[key]!r} is not supported (expected {want!r})")
     kinds = set(hf.get("layer_types") or ["full_attention"])
     if kinds != {"full_attention"}:
-        raise ValueError(f"config.json: layer_types {sorted(kinds)} are not supported (only full_attention)")
+        raise CheckpointError(f"config.json: layer_types {sorted(kinds)} are not supported (only full_attention)")
     theta = hf.get("rope_theta", rope.get("rope_theta"))
     if theta is None:
-        raise ValueError("config.json: no rope_theta (top level or in rope_parameters)")
+        raise CheckpointError("config.json: no rope_theta (top level or in rope_parameters)")
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     eos = hf.get("eos_token_id")
     fields = {
@@ -235,31 +235,43 @@ def generation_config_dict(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------------- load
 
+class CheckpointError(UserError):
+    """An HF checkpoint directory that cannot be loaded as a Qwen3 (missing or malformed files, another
+    architecture, wrong shapes); the message names the file."""
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="np")
+    except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file (a truncated one, say)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (an HF checkpoint directory needs it)") from None
+        raise CheckpointError(f"{path}: not found (an HF checkpoint directory needs it)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A local checkpoint directory as is, or a hub id (e.g. `Qwen/Qwen3-4B-Thinking-2507`) fetched into the HF cache:
     config, safetensors and tokenizer files only (never pickled weights or remote code)."""
     if paths.is_url(name_or_path):
-        raise FileNotFoundError(f"{name_or_path}: a URL is not a local checkpoint directory; load_hf copies it down "
+        raise CheckpointError(f"{name_or_path}: a URL is not a local checkpoint directory; load_hf copies it down "
                                 "(or copy it to local disk first)")
     path = Path(name_or_path)
     if path.is_dir():
         return path
     if path.exists() or str(name_or_path).count("/") != 1:
-        raise FileNotFoundError(f"{name_or_path}: not a checkpoint directory (nor an org/name hub id)")
+        raise CheckpointError(f"{name_or_path}: not a checkpoint directory (nor an org/name hub id)")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES]))
     except Exception as e:  # offline, unknown repo, no access: say which checkpoint and why
-        raise FileNotFoundError(f"{name_or_path}: no such local directory, and the hub download failed: "
+        raise CheckpointError(f"{name_or_path}: no such local directory, and the hub download failed: "
                                 f"{type(e).__name__}: {e}") from None
 
 
@@ -268,16 +280,16 @@ def _tensor_files(path: Path) -> tuple[dict[str, Path], Path]:
     if (path / INDEX_FILE).is_file():
         weight_map = _read_json(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{path / INDEX_FILE}: no weight_map")
+            raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
         files = {name: path / f for name, f in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
-                raise FileNotFoundError(f"{f}: listed in {path / INDEX_FILE} but missing")
+                raise CheckpointError(f"{f}: listed in {path / INDEX_FILE} but missing")
         return files, path / INDEX_FILE
     if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, framework="np") as f:
+        with _open_safetensors(path / SINGLE_FILE) as f:
             return {name: path / SINGLE_FILE for name in f.keys()}, path / SINGLE_FILE
-    raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)")
+    raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints load)")
 
 
 def _check_tensors(cfg: ModelConfig, files: dict[str, Path], listing: Path, handles: dict[Path, Any]) -> None:
@@ -285,25 +297,25 @@ def _check_tensors(cfg: ModelConfig, files: dict[str, Path], listing: Path, hand
     expected = {name: shape for name, _, _, shape in hf_tensors(cfg)}
     for name, f in files.items():
         if name not in handles[f].keys():
-            raise ValueError(f"{f}: tensor {name} is listed in {listing} but not stored in this file")
+            raise CheckpointError(f"{f}: tensor {name} is listed in {listing} but not stored in this file")
         view = handles[f].get_slice(name)
         shape, dtype = tuple(view.get_shape()), view.get_dtype()
         if name not in expected and not (name == TIED_HEAD and cfg.tie_word_embeddings):
-            raise ValueError(f"{f}: unexpected tensor {name} {list(shape)} (not part of a Qwen3 checkpoint with "
+            raise CheckpointError(f"{f}: unexpected tensor {name} {list(shape)} (not part of a Qwen3 checkpoint with "
                              f"{cfg.num_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
         want = expected.get(name, (cfg.vocab_size, cfg.hidden_size))
         if shape != want:
-            raise ValueError(f"{f}: tensor {name} has shape {list(shape)}, config.json implies {list(want)}")
+            raise CheckpointError(f"{f}: tensor {name} has shape {list(shape)}, config.json implies {list(want)}")
         if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{f}: tensor {name} has dtype {dtype}; a weight must be one of {list(FLOAT_DTYPES)}")
+            raise CheckpointError(f"{f}: tensor {name} has dtype {dtype}; a weight must be one of {list(FLOAT_DTYPES)}")
     missing = [n for n in expected if n not in files]
     if missing:
-        raise ValueError(f"{listing}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+        raise CheckpointError(f"{listing}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
     if TIED_HEAD in files and cfg.tie_word_embeddings:
         head = handles[files[TIED_HEAD]].get_tensor(TIED_HEAD)
         embed = handles[files["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
         if not np.array_equal(head, embed):
-            raise ValueError(f"{files[TIED_HEAD]}: tensor {TIED_HEAD} differs from model.embed_tokens.weight but "
+            raise CheckpointError(f"{files[TIED_HEAD]}: tensor {TIED_HEAD} differs from model.embed_tokens.weight but "
                              f"config.json says tie_word_embeddings=true")
 
 
@@ -316,7 +328,7 @@ def local_checkpoint(name_or_path: str | Path) -> Iterator[Path]:
         return
     src = paths.resolve(name_or_path)
     if not (src / "config.json").exists():
-        raise FileNotFoundError(f"{src}: no config.json (not an HF checkpoint directory)")
+        raise CheckpointError(f"{src}: no config.json (not an HF checkpoint directory)")
     with tempfile.TemporaryDirectory(prefix="qednano-hf-") as tmp:
         local = Path(tmp) / src.name
         local.mkdir()
@@ -353,7 +365,7 @@ def _load_hf(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None,
     np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     out: dict = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in sorted(set(files.values()))}
+        handles = {f: stack.enter_context(_open_safetensors(f)) for f in sorted(set(files.values()))}
         _check_tensors(cfg, files, listing, handles)
         for entry, shape in tqdm(_entries(cfg), desc=f"load {path.name}", disable=None, leave=False):
             leaf = _load_leaf(entry, shape, _get(shardings, entry.ours), files, handles, np_dtype)
@@ -461,7 +473,7 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     if tokenizer_dir is not None:
         copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
         if not copied:
-            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+            raise CheckpointError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
         for f in copied:
             paths.copy(Path(tokenizer_dir) / f, path / f)
     return path

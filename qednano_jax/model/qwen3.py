@@ -1,8 +1,8 @@
-"""The Qwen3 decoder as pure functions over a params pytree (SPEC.md §1).
+"""The Qwen3 decoder as pure functions over a params pytree (docs/recipe.md §1).
 
 GQA attention with a per-head RMSNorm on q and k before RoPE, SwiGLU MLP, RMSNorm, tied or untied LM head, no
 attention bias. The params are a nested dict of arrays (pure data for jit, donation and orbax); `param_axes` gives
-the logical axis names of every leaf (DESIGN.md principle 1). The decoder layers are stacked on a leading `layers`
+the logical axis names of every leaf (docs/design.md principle 1). The decoder layers are stacked on a leading `layers`
 axis and run under `lax.scan`, so 36 layers compile once.
 
 Shape letters: b batch, t query length, s key length, d embed, h query heads, k kv heads, g heads per kv head,
@@ -246,7 +246,7 @@ def token_logprobs(cfg: ModelConfig, params: Params, hidden_btd: jax.Array, targ
     """log p(target) under softmax(logits / temperature), and optionally the entropy of that distribution.
 
     Computed in sequence chunks of `cfg.logprob_chunk` under `jax.checkpoint`, so only [b, chunk, vocab] logits
-    exist at once, in the forward and in the backward pass (DESIGN.md scale targets). Returns fp32 [b, t] arrays.
+    exist at once, in the forward and in the backward pass (docs/design.md scale targets). Returns fp32 [b, t] arrays.
     """
     b, t, d = hidden_btd.shape
     s = _sequence_shards()  # under sequence parallelism each device maps over the chunks of its own part

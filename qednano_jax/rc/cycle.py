@@ -1,4 +1,4 @@
-"""RC cycles on token arrays (SPEC.md §4): one turn = reason from (problem, summary), take the thinking, summarize it
+"""RC cycles on token arrays (docs/recipe.md §4): one turn = reason from (problem, summary), take the thinking, summarize it
 into a new summary that replaces the old one. Written once on fixed-shape jnp arrays, and run two ways:
 
     rc_loop_jit   the whole multi-turn loop over a batch as ONE jitted program: `lax.fori_loop` over the turns,

@@ -49,7 +49,7 @@ def thinking_part(text: str) -> str:
 
 
 def final_part(text: str) -> str:
-    """The answer after the last `</think>`; "" when the thinking never closed (SPEC §3: no proof)."""
+    """The answer after the last `</think>`; "" when the thinking never closed (docs/recipe.md §3: no proof)."""
     text = strip_chat_tokens(text)
     return text.rsplit(THINK_CLOSE, 1)[1].strip() if THINK_CLOSE in text else ""
 

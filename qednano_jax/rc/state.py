@@ -1,4 +1,4 @@
-"""The reasoning-cache state (SPEC.md §4): one pytree carried through the RC turns of a batch of problems.
+"""The reasoning-cache state (docs/recipe.md §4): one pytree carried through the RC turns of a batch of problems.
 
 Every array is fixed-shape, so the same carry is threaded by the jitted native-engine loop (`lax.fori_loop`) and by
 the host loop over an HTTP backend (rc/cycle.py). Shapes: B problems, T reasoning turns, S summary tokens (H_S),
@@ -6,7 +6,7 @@ R reasoning tokens (H_R). Token arrays are right-padded with 0 and come with a l
 
 `history[:, t]` is the summary turn t started from (`history[:, 0]` = the initial summary, "" in training and
 "[No previous summary]" at test time), so after T summarized turns `history` holds the T + 1 RC states
-s_0 .. s_T that RC training samples k of (SPEC.md §4 "(b) Regular actor").
+s_0 .. s_T that RC training samples k of (docs/recipe.md §4 "(b) Regular actor").
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def transition(state: RCState, out_bn, count_b, stopped_b, summary_bs=None, summ
 
 
 def with_rewards(state: RCState, rewards_bt) -> RCState:
-    """The per-turn grades (host side, for logging: SPEC.md §4 grades the RC actor's turns but does not train on
+    """The per-turn grades (host side, for logging: docs/recipe.md §4 grades the RC actor's turns but does not train on
     them)."""
     return state.replace(rewards=jnp.asarray(rewards_bt, jnp.float32))
 
@@ -104,7 +104,7 @@ def emitted_states(state: RCState, row: int) -> list[list[int]]:
 
 def sample_states(seed: int, step: int, problem: int, num_states: int, k: int) -> list[int]:
     """k distinct state indices of the `num_states` of one problem, uniformly at random, sorted; a pure function
-    of (seed, step, problem), so a resumed run samples the same states (SPEC.md §4: 2 of the 4)."""
+    of (seed, step, problem), so a resumed run samples the same states (docs/recipe.md §4: 2 of the 4)."""
     if not 1 <= k <= num_states:
         raise ValueError(f"rc.states_sampled: expected 1 <= k <= {num_states} states, got {k}")
     rng = np.random.default_rng([int(seed), int(step), int(problem)])

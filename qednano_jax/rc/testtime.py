@@ -1,4 +1,4 @@
-"""Test-time reasoning cache (SPEC.md §4 "Test-time RC"): solve, summarize the thinking, solve again from the summary.
+"""Test-time reasoning cache (docs/recipe.md §4 "Test-time RC"): solve, summarize the thinking, solve again from the summary.
 
     summary = "[No previous summary]"
     for t in 1..n:
@@ -57,7 +57,7 @@ def run_rc(policy: Any, tokenizer: Any, problems: list[str], sampling: Any, *, i
 
     The loop is rc/cycle.py's host loop over the RC state (rc/state.py), the same carry and transition the jitted
     native loop and RC training use: prompts are concatenated token pieces, summaries stay the summarizer's tokens.
-    `problems` are the full eval prompts (SPEC §4: {problem} is the "Generate a rigorous proof ..." message).
+    `problems` are the full eval prompts (docs/recipe.md §4: {problem} is the "Generate a rigorous proof ..." message).
     `sampling`/`summary_sampling` are rollout SamplingParams; each turn t offsets their seed by t so turns differ.
     """
     if iterations < 1:

@@ -1,4 +1,4 @@
-"""Stage 3: RL with a reasoning cache (SPEC.md §4), on stage 2's trainer, rollout pipeline and checkpoints.
+"""Stage 3: RL with a reasoning cache (docs/recipe.md §4), on stage 2's trainer, rollout pipeline and checkpoints.
 
 Per optimizer step s:
 
@@ -175,7 +175,7 @@ class RCActor:
         return state, m
 
     def grade_turns(self, state: rcs.RCState) -> np.ndarray:
-        """Each turn's own proof graded against the original problem (SPEC.md §4: logged, not trained on)."""
+        """Each turn's own proof graded against the original problem (docs/recipe.md §4: logged, not trained on)."""
         outs, lens, stopped = np.asarray(state.outputs), np.asarray(state.lengths), np.asarray(state.stopped)
         items = []
         for i, pos in enumerate(np.asarray(state.problem).tolist()):

@@ -1,2 +1,2 @@
-"""Rubric rewards (SPEC.md §3 "Reward"): the grading prompt (qednano_jax/prompts/grader.txt, our own words), proof
+"""Rubric rewards (docs/recipe.md §3 "Reward"): the grading prompt (qednano_jax/prompts/grader.txt, our own words), proof
 extraction, score parsing and the grader backends (grader.py)."""

@@ -1,11 +1,11 @@
-"""The rubric grader: proof extraction, the grading prompt, score parsing, and grader backends (SPEC.md §3 "Reward").
+"""The rubric grader: proof extraction, the grading prompt, score parsing, and grader backends (docs/recipe.md §3 "Reward").
 
     completion --extract_proof--> proof --prompt(problem, marking scheme, proof)--> grader --parse_score--> 0..7
     reward = score / 7
 
 A completion without `</think>` (truncated thinking) has no proof: it scores 0 without a grader call. Whatever
 goes wrong on the grader side (timeouts, HTTP errors, a reply without a score) also scores 0, never raises, and is
-counted in `GraderStats`, so a flaky grader cannot stop an RL run (DESIGN.md principle 3).
+counted in `GraderStats`, so a flaky grader cannot stop an RL run (docs/design.md principle 3).
 
 Backends behind one interface (`Grader.grade` / `Grader.grade_many`):
 - `OpenAIGrader`: any OpenAI-compatible endpoint, chat completions or the Responses API (the paper: GPT-OSS-20B on
@@ -26,7 +26,7 @@ import time
 from typing import Iterable, Sequence
 
 from qednano_jax import transport
-from qednano_jax.config import ConfigError, GraderConfig
+from qednano_jax.config import ConfigError, GraderConfig, RunStopped
 
 
 MAX_SCORE = 7
@@ -42,12 +42,12 @@ _SELF_EVAL = re.compile(r"^#+[ \t]*\**[ \t]*(?:Self Evaluation|Final Evaluation|
 
 
 def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str:
-    """The proof of a policy completion: the text after the LAST `</think>`, stripped (SPEC.md §3, step 1).
+    """The proof of a policy completion: the text after the LAST `</think>`, stripped (docs/recipe.md §3, step 1).
 
     No `</think>` means the thinking was truncated: the proof is "" and scores 0 without a grader call. With
     `strip_self_evaluation`, everything from the FIRST Markdown heading titled exactly "Evaluation", "Self
     Evaluation" or "Final Evaluation" (any number of `#`, optional `*` bold markers and spaces around the words,
-    case-sensitive) to the end is cut off, and nothing else, as the released evaluation does (SPEC.md §5):
+    case-sensitive) to the end is cut off, and nothing else, as the released evaluation does (docs/recipe.md §5):
     bold or plain "Self-evaluation:" lines and lower-case headings stay.
     """
     if THINK_CLOSE not in completion:
@@ -63,7 +63,7 @@ def extract_proof(completion: str, strip_self_evaluation: bool = False) -> str:
 
 
 def format_marking_scheme(rubric) -> str:
-    """A marking scheme as Markdown text (SPEC.md §3, step 2): a string is used as it is; a list of
+    """A marking scheme as Markdown text (docs/recipe.md §3, step 2): a string is used as it is; a list of
     {title, points, desc} checkpoints becomes `# {title} ({points} points)` + `Description: {desc}` blocks."""
     if isinstance(rubric, str):
         return rubric
@@ -121,7 +121,7 @@ def parse_score(reply: str | None) -> int | None:
 
 # ----------------------------------------------------------------------------------------------- results, stats
 
-class GraderError(RuntimeError):
+class GraderError(RunStopped):
     """Too many grader calls of one batch failed (grader.max_failure_frac): the message names the endpoint."""
 
 
@@ -218,7 +218,7 @@ class Grader:
         """Send a finished prompt through this backend (retries, timeouts, key handling included) and return
         (reply, error, attempts); reply is None when the grader could not be reached or its reply was malformed
         (qednano_jax/transport.py). Anything else, a bug in building the request above all, raises. For callers
-        with their own prompt and parser (eval's benchmark judges, SPEC.md §5); `grade` is built on it."""
+        with their own prompt and parser (eval's benchmark judges, docs/recipe.md §5); `grade` is built on it."""
         return self._reply(prompt)
 
     def ask_many(self, prompts: list[str]) -> list[Answer]:

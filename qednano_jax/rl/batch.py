@@ -153,7 +153,7 @@ def build_train_batch(groups: Sequence[Group], loss_cfg, *, seq_len: int, micro_
     (numpy) and packing stats. M is always `max_micro_batches` (one compiled step whatever the packing gives): the
     micro-batches after the packed ones are zero rows with valid 0, which the step skips. Token weights and the
     step denominator follow `loss_cfg.aggregation` (rl.losses); the constant of token-sum-constant is
-    `aggregation_constant`, or `samples_per_step` (SPEC.md §3: 64 x 16 = 1024)."""
+    `aggregation_constant`, or `samples_per_step` (docs/recipe.md §3: 64 x 16 = 1024)."""
     adv = group_advantages(groups, loss_cfg)
     packed = pack_groups(groups, adv, seq_len=seq_len, rows_multiple=micro_batch_rows)
     weights = losses.token_weights(packed["loss_mask"], packed["segment_ids"], loss_cfg.aggregation)

@@ -1,9 +1,9 @@
-"""Stage 2: GRPO-style RL with rubric rewards (SPEC.md §3), a thin loop around pure pieces (DESIGN.md picture).
+"""Stage 2: GRPO-style RL with rubric rewards (docs/recipe.md §3), a thin loop around pure pieces (docs/design.md picture).
 
     sample prompts -> rollouts (Rollout backend) -> grade (Grader, or any RewardFn) -> group advantages
       -> pack completions into rows -> accumulated train step (train/step.py) -> refit the rollout backend -> checkpoint
 
-Its pieces, which the RC stage (SPEC.md §4) reuses as they are:
+Its pieces, which the RC stage (docs/recipe.md §4) reuses as they are:
 - rl/batch.py: `Group` (prompt ids + n completions + rewards), `Batch`, `build_train_batch` (completions ->
   fixed-length rows with segment ids, loss only on completion tokens, behaviour logprobs and advantages on the
   token that each predicts);
@@ -20,7 +20,7 @@ batch's weight version is fixed by the schedule and a resumed run continues exac
 whose completions report a weight version more than L behind the trainer (e.g. a generator that was not refitted)
 is discarded and counted (`stale_groups`).
 
-Resume (DESIGN.md principle 4): a checkpoint holds the train state (params, optimizer, step = weight version, rng),
+Resume (docs/design.md principle 4): a checkpoint holds the train state (params, optimizer, step = weight version, rng),
 the prompt sampler state, the rollouts already generated for later steps (with their grades), and the counters.
 Re-running the same command continues from the newest complete checkpoint and refits the rollout backend first.
 """
@@ -95,7 +95,7 @@ def make_reward_fn(cfg: Config, model_cfg: ModelConfig, tokenizer, log) -> tuple
 
 
 def follow(cfg: Config, trainer: RLTrainer, log: Callable[[str], None]) -> dict:
-    """The loop of processes 1..n-1 of a multi-host RL or RC run (DESIGN.md principle 6: multi-controller JAX).
+    """The loop of processes 1..n-1 of a multi-host RL or RC run (docs/design.md principle 6: multi-controller JAX).
 
     Process 0 alone talks to the rollout servers (or runs the native engine on its own devices) and the grader,
     samples prompts, packs each step's batch and writes metrics; every process trains its shards of the step.

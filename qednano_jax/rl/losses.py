@@ -1,6 +1,6 @@
 """RL losses: group advantages, per-token policy losses, KL estimators and aggregation modes, registered by name.
 
-The recipe is SPEC.md §3 ("Loss / optimizer"), the GRPO-style objective of QED-Nano (arXiv:2604.04898), as configured
+The recipe is docs/recipe.md §3 ("Loss / optimizer"), the GRPO-style objective of QED-Nano (arXiv:2604.04898), as configured
 in its released PipelineRL code (`policy_loss: ppo`, `rl.epsilon: 4`, entropy bonus 1e-4, no KL, token sum divided
 by the samples per step):
 
@@ -22,7 +22,7 @@ and a denominator over the whole step (`denominator`):
     token-mean                  1                            tokens in the step            (DAPO)
     sequence-mean-token-mean    1 / tokens of t's sequence   sequences in the step         (GRPO paper)
     sequence-mean-token-sum     1                            sequences in the step         (Dr. GRPO, arXiv:2503.20783)
-    token-sum-constant          1                            a constant: samples per step  (QED-Nano, SPEC.md §3)
+    token-sum-constant          1                            a constant: samples per step  (QED-Nano, docs/recipe.md §3)
 
 Packed rows hold several completions; a sequence is a (row, segment id) pair, segment id 0 being padding
 (the convention of `model.qwen3.hidden_states`).
@@ -43,7 +43,7 @@ from qednano_jax.model import qwen3
 
 
 def group_advantages(rewards, group_size: int, divide_by_std: bool = False, eps: float = 1e-6):
-    """GRPO advantages: each reward minus the mean of its group (SPEC.md §3: no std division in QED-Nano).
+    """GRPO advantages: each reward minus the mean of its group (docs/recipe.md §3: no std division in QED-Nano).
 
     `rewards` [G * n] holds the n = `group_size` rollouts of each prompt next to each other. With `divide_by_std`
     the centred rewards are divided by (population std of the group + eps), as in the GRPO paper. Groups whose
@@ -82,7 +82,7 @@ def ppo_loss(logp_new, logp_old, adv, cfg: LossConfig):
     """PPO-clip / GRPO token loss: -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A).
 
     The ratio is against the behaviour (sampler) logprobs, so it also corrects for the lag of asynchronous
-    sampling (SPEC.md §3). With the paper's eps = 4 only ratio > 5 with A > 0 is ever clipped. `clipped` marks the
+    sampling (docs/recipe.md §3). With the paper's eps = 4 only ratio > 5 with A > 0 is ever clipped. `clipped` marks the
     tokens whose gradient the clip removes (A > 0 and ratio > 1 + eps_high, or A < 0 and ratio < 1 - eps_low).
     """
     ratio = jnp.exp(logp_new - logp_old)
@@ -164,7 +164,7 @@ def denominator(mode: str, masks, segment_ids=None, constant: float | None = Non
     """The step-level divisor of the summed loss for aggregation `mode`, over ALL micro-batches of a step.
 
     `masks` / `segment_ids`: one [b, t] array per micro-batch (or a single array). `constant` is required by
-    `token-sum-constant` (QED-Nano divides by the samples per step, 1024 = 64 prompts x 16; SPEC.md §3).
+    `token-sum-constant` (QED-Nano divides by the samples per step, 1024 = 64 prompts x 16; docs/recipe.md §3).
     A sequence with no loss token does not count. Returns at least 1 so an empty step gives loss 0, not NaN.
     """
     _check_mode(mode)

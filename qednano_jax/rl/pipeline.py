@@ -25,7 +25,7 @@ def completion_text(tokenizer, c: Completion) -> str:
 
 
 def grader_reward_fn(grader: Grader) -> RewardFn:
-    """The paper's reward (SPEC.md §3): proof = text after the last `</think>`, graded against the prompt's marking
+    """The paper's reward (docs/recipe.md §3): proof = text after the last `</think>`, graded against the prompt's marking
     scheme; reward = score / 7, and 0 for an empty proof or any grader fault (counted in `grader.stats`)."""
     def reward(items):
         return grader.grade_many([(p.problem, p.rubric, grader.proof_of(text)) for p, _, text in items])

@@ -1,7 +1,7 @@
-"""The rollout interface the RL loop, the reasoning cache and eval see (DESIGN.md principle 3).
+"""The rollout interface the RL loop, the reasoning cache and eval see (docs/design.md principle 3).
 
 A `Rollout` turns prompt token ids into completions, each with the behaviour logprob of every generated token (the
-`logp_old` of the PPO ratio, SPEC.md §3 "Loss"), a finish reason and the weight version that produced it (for
+`logp_old` of the PPO ratio, docs/recipe.md §3 "Loss"), a finish reason and the weight version that produced it (for
 staleness accounting). Backends: `native` (embedded JAX engine, rollout/native.py) and `sglang` (HTTP client to
 real SGLang servers or to `python -m qednano_jax.serve`, rollout/sglang.py).
 """
@@ -12,10 +12,12 @@ import dataclasses
 import numbers
 from typing import Any, Protocol, runtime_checkable
 
+from qednano_jax.config import RunStopped
+
 FINISH_REASONS = ("stop", "length", "abort")
 
 
-class RolloutError(RuntimeError):
+class RolloutError(RunStopped):
     """A rollout backend could not deliver every requested completion; the message names the server or the field."""
 
 

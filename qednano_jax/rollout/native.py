@@ -1,6 +1,6 @@
 """The embedded JAX rollout engine: batched prefill + a jitted decode loop over the model's KV cache.
 
-Why embedded: on CPU and on TPU hosts without SGLang the trainer samples its own rollouts (DESIGN.md layout,
+Why embedded: on CPU and on TPU hosts without SGLang the trainer samples its own rollouts (docs/design.md layout,
 `native.py` is the CPU default), and `python -m qednano_jax.serve` puts this engine behind SGLang's HTTP API.
 
 Shapes are bucketed so that a new request rarely compiles: the batch (at least 8), the longest prompt and the
@@ -10,7 +10,7 @@ parameters share one compiled program and one batch. The decode loop is a `lax.w
 every row has finished.
 
 Behaviour logprobs are log softmax(logits / temperature) of the sampled token (the untempered softmax when greedy),
-before top-p/top-k, as SGLang returns them (SPEC.md §3: logp_old is the sampler's logprob). A row's randomness is
+before top-p/top-k, as SGLang returns them (docs/recipe.md §3: logp_old is the sampler's logprob). A row's randomness is
 `fold_in(fold_in(key(seed), row index), step)`, so a completion depends on its seed and index only, not on how
 rows were batched.
 """

@@ -1,7 +1,7 @@
-"""Weight refit over HTTP: export HF safetensors atomically, then `/update_weights_from_disk` (DESIGN.md principle 3).
+"""Weight refit over HTTP: export HF safetensors atomically, then `/update_weights_from_disk` (docs/design.md principle 3).
 
-This is the only refit path open to a JAX/TPU trainer (../shared/SGLANG_API.md "Weight refit"): SGLang's tensor and
-NCCL paths need shared GPUs. The export goes to `refit_dir/.tmp-<version>-<pid>` and is renamed to
+This is the only refit path open to a JAX/TPU trainer: SGLang's other weight-update routes (from tensors, or over an
+NCCL group) need GPUs shared with the trainer. The export goes to `refit_dir/.tmp-<version>-<pid>` and is renamed to
 `refit_dir/weights-<version>` when complete, so a server never reads a half-written checkpoint; only the newest
 `keep_last` exports are kept.
 """

@@ -1,6 +1,6 @@
 """HTTP client of SGLang's native `/generate` API (real SGLang servers, or `python -m qednano_jax.serve`).
 
-Follows ../shared/SGLANG_API.md: `input_ids` in, every sampling parameter sent explicitly (the server would otherwise
+Follows SGLang's native HTTP API (0.5.x): `input_ids` in, every sampling parameter sent explicitly (the server would otherwise
 take its defaults from the model's generation_config.json), `return_logprob`; token ids and behaviour logprobs come
 from `meta_info.output_token_logprobs` and are checked against `completion_tokens`. One request per completion
 (n > 1 repeats the prompt; SGLang's radix cache shares the prefix), many in flight under a concurrency limit, each

@@ -1,4 +1,4 @@
-"""orbax checkpoints of a whole run (DESIGN.md principle 4), shared by the SFT and RL loops.
+"""orbax checkpoints of a whole run (docs/design.md principle 4), shared by the SFT and RL loops.
 
 A checkpoint step holds three items:
   state  the TrainState pytree (params, optimizer state, step, RNG), restored straight onto its shardings;

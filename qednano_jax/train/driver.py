@@ -1,4 +1,4 @@
-"""What every stage's loop shares around its steps (DESIGN.md principle 6): the run-dir lock, the resume check of
+"""What every stage's loop shares around its steps (docs/design.md principle 6): the run-dir lock, the resume check of
 the saved config, preemption (SIGTERM / SIGINT: finish the step, save, exit 0), the non-finite guard and atomic
 HF exports. The SFT, RL and RC loops call these; the math stays in train/step.py.
 
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from qednano_jax import paths
-from qednano_jax.config import Config, ConfigError, to_dict
+from qednano_jax.config import Config, ConfigError, RunStopped, to_dict
 
 LOCK_NAME = ".lock"
 LOCK_HEARTBEAT_S = 30.0
@@ -46,7 +46,7 @@ RESUME_SAFE = ("train.steps", "train.log_every", "train.progress", "train.export
                "grader.concurrency", "grader.timeout", "grader.retries", "grader.backoff", "rc.summarizer_urls")
 
 
-class NonFinite(RuntimeError):
+class NonFinite(RunStopped):
     """A step's loss or gradient norm was not finite; its update was not applied."""
 
 

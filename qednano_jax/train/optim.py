@@ -1,6 +1,6 @@
-"""AdamW with global-norm clipping and a warmup + cosine or constant schedule (SPEC.md §2 SFT, §3 RL).
+"""AdamW with global-norm clipping and a warmup + cosine or constant schedule (docs/recipe.md §2 SFT, §3 RL).
 
-SFT (TRL defaults, SPEC.md §2): linear warmup then cosine decay to `final_lr_ratio * lr`. RL (SPEC.md §3): LR 1e-6
+SFT (TRL defaults, docs/recipe.md §2): linear warmup then cosine decay to `final_lr_ratio * lr`. RL (docs/recipe.md §3): LR 1e-6
 constant. Weight decay skips the norm weights, as HF Trainer skips LayerNorm weights and biases.
 """
 

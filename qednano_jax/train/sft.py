@@ -1,7 +1,7 @@
-"""Stage 1: supervised fine-tuning on FineProofs-SFT (SPEC.md §2), a thin loop around the pure step.
+"""Stage 1: supervised fine-tuning on FineProofs-SFT (docs/recipe.md §2), a thin loop around the pure step.
 
 Re-running the same command resumes from the newest complete checkpoint in run_dir/checkpoints: train state,
-data-iterator state and counters come back, so the run continues exactly as an uninterrupted one (DESIGN.md
+data-iterator state and counters come back, so the run continues exactly as an uninterrupted one (docs/design.md
 principle 4). run_dir may be a URL (gs://bucket/run): checkpoints, logs and the HF export then go to the store.
 """
 

@@ -1,4 +1,4 @@
-"""The pure, jitted train step shared by SFT and RL (DESIGN.md principle 2).
+"""The pure, jitted train step shared by SFT and RL (docs/design.md principle 2).
 
     loss_fn(model_cfg, params, micro_batch) -> (loss_sum, metric_sums)
 
@@ -45,7 +45,7 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------- SFT loss
 
 def sft_loss(model_cfg: ModelConfig, params, mb: dict) -> tuple[jax.Array, dict]:
-    """Summed next-token NLL over assistant tokens of one packed micro-batch [b, t] (SPEC.md §2).
+    """Summed next-token NLL over assistant tokens of one packed micro-batch [b, t] (docs/recipe.md §2).
 
     Uses the chunked `token_logprobs`: [b, t, vocab] logits never exist at once.
     """

@@ -1,4 +1,4 @@
-"""Dedup and decontamination (data/dedup.py, SPEC.md §2): planted exact and near duplicates and benchmark problems
+"""Dedup and decontamination (data/dedup.py, docs/recipe.md §2): planted exact and near duplicates and benchmark problems
 are removed, exactly those, and the report says which row or benchmark item each one matched."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 
 from qednano_jax.config import load_datagen_config
 from qednano_jax.data import dedup as D
-from qednano_jax.data.sft import DataError
+from qednano_jax.data.rows import DataError
 from qednano_jax.eval.benchmarks import load_benchmark
 
 SAMPLES = Path(D.__file__).resolve().parent.parent / "samples"
@@ -101,7 +101,7 @@ def test_bad_text_column_names_the_row(tmp_path):
     src.write_text(json.dumps({"problem": "Prove it."}) + "\n" + json.dumps({"problem": ""}) + "\n")
     cfg = load_datagen_config("configs/datagen/tiny.yaml", [f"dedup.input={src}",
                                                             f"dedup.output={tmp_path / 'o.jsonl'}"])
-    with pytest.raises(DataError, match=r"row 1: column 'problem'"):
+    with pytest.raises(DataError, match=r"p.jsonl line 2: column 'problem'"):  # 1-based, as editors count
         D.run_dedup(cfg)
 
 

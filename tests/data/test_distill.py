@@ -1,4 +1,4 @@
-"""Teacher distillation (data/distill.py, SPEC.md §2): reply splitting, and `python -m qednano_jax.data.distill`
+"""Teacher distillation (data/distill.py, docs/recipe.md §2): reply splitting, and `python -m qednano_jax.data.distill`
 end to end against the real SGLang server on the tiny model: SIGKILLed mid-run and resumed without duplicated or lost
 rows, graded, and exported FineProofs-SFT rows that the SFT stage loads as they are."""
 
@@ -158,7 +158,7 @@ def test_distill_end_to_end_kill_resume_and_sft_load(sglang_server, tiny_hf_dir,
         assert s["closed"] or not s["proof"]  # closed thinking may still leave an empty proof ("...</think>")
         assert s["grade"] is None or (isinstance(s["grade"], int) and 0 <= s["grade"] <= 7)
         if not s["proof"]:
-            assert s["grade"] == 0  # no proof: scored 0 without a grader call (SPEC.md §3)
+            assert s["grade"] == 0  # no proof: scored 0 without a grader call (docs/recipe.md §3)
     assert summary["samples"] == 2 * len(PROBLEMS) and summary["finished"] == len(PROBLEMS)
     assert summary["completion_tokens"] == sum(s["completion_tokens"] for s in samples)
     assert summary["unclosed_thinking"] == sum(not s["closed"] for s in samples)

@@ -5,7 +5,7 @@ import pytest
 
 from qednano_jax.config import load_config
 from qednano_jax.data import rl as rl_data
-from qednano_jax.data.sft import DataError
+from qednano_jax.data.rows import DataError
 from qednano_jax.data.tokenizer import load_tokenizer, prompt_ids
 
 
@@ -38,9 +38,9 @@ def test_reward_mean_filter_and_overlong_are_counted(tok):
     assert prompts == [] and stats.dropped_overlong == 6
 
 
-@pytest.mark.parametrize("field,value,msg", [("problem", "  ", "row 3: field 'problem' is empty"),
-                                             ("rubrics", None, "row 3: field 'rubrics' is missing"),
-                                             ("reward_mean", "high", "row 3: field 'reward_mean' is str")])
+@pytest.mark.parametrize("field,value,msg", [("problem", "  ", "row 4: field 'problem' is empty"),
+                                             ("rubrics", None, "row 4: field 'rubrics' is missing"),
+                                             ("reward_mean", "high", "row 4: field 'reward_mean' is str")])
 def test_malformed_rows_name_row_and_field(tok, field, value, msg):
     bad = rows(5)
     bad[3][field] = value

@@ -1,4 +1,4 @@
-"""Marking schemes and difficulty estimates (data/rubrics.py, SPEC.md §3): the scheme format check, the reward
+"""Marking schemes and difficulty estimates (data/rubrics.py, docs/recipe.md §3): the scheme format check, the reward
 columns, the bundled writer prompt, and `python -m qednano_jax.data.rubrics` end to end against the real SGLang server
 (writer, policy rollouts and grader): SIGKILLed mid-run and resumed without duplicated or lost rows, exported as
 FineProofs-RL rows that the RL stage loads and filters."""

@@ -55,7 +55,7 @@ def test_mask_agrees_with_the_chat_template(tmp_path):
 def test_malformed_row_error_names_row_and_field(tok, bad, field):
     rows = make_rows(4)
     rows[2] = {**rows[2], **bad}
-    with pytest.raises(sft.DataError, match=rf"row 2: field '{field}'"):
+    with pytest.raises(sft.DataError, match=rf"row 3: field '{field}'"):
         sft.build_examples(rows, tok, seq_len=512)
     ex, stats = sft.build_examples(rows, tok, seq_len=512, on_malformed="skip")
     assert stats.skipped_malformed == 1 and stats.used == 3 and len(ex) == 3

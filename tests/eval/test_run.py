@@ -92,7 +92,7 @@ def test_configs_and_cli_errors(tmp_path):
     for name in ("tiny", "imo_proofbench", "proofbench", "imo_answerbench", "imo_proofbench_rc"):
         cfg = load_eval_config(ROOT / "configs" / "eval" / f"{name}.yaml")
         assert cfg.eval.temperature == 0.8 and cfg.eval.top_p == 1.0 and cfg.eval.top_k == -1
-        if name != "tiny":   # the paper's settings (SPEC.md §5)
+        if name != "tiny":   # the paper's settings (docs/recipe.md §5)
             assert (cfg.eval.max_new_tokens, cfg.eval.source, cfg.rollout.backend) == (229376, "hub", "sglang")
             assert cfg.eval.runs == (1 if name == "imo_answerbench" else 3)
     assert load_eval_config(ROOT / "configs/eval/imo_proofbench_rc.yaml").eval.rc_iterations == 3

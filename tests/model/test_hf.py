@@ -156,7 +156,7 @@ def test_config_dict_round_trips_and_reads_both_rope_styles():
     v5 = {k: v for k, v in d.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}  # transformers 5
     assert hf.model_config_from_hf(legacy) == hf.model_config_from_hf(v5) == cfg
     assert hf.model_config_from_hf(d, remat_policy="full").remat_policy == "full"
-    real = {  # Qwen/Qwen3-4B-Thinking-2507 config.json (SPEC.md §1)
+    real = {  # Qwen/Qwen3-4B-Thinking-2507 config.json (docs/recipe.md §1)
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "head_dim": 128,
         "hidden_act": "silu", "hidden_size": 2560, "intermediate_size": 9728, "max_position_embeddings": 262144,
         "max_window_layers": 36, "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
@@ -217,17 +217,17 @@ def test_tied_checkpoint_with_an_lm_head(tmp_path):
 
 
 def test_missing_weight_files_are_named(tmp_path, untied):
-    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model"):  # offline hub id
+    with pytest.raises(hf.CheckpointError, match="no-such-org/no-such-model"):  # offline hub id
         hf.load_hf("no-such-org/no-such-model")
-    with pytest.raises(FileNotFoundError, match="nowhere/at/all"):
+    with pytest.raises(hf.CheckpointError, match="nowhere/at/all"):
         hf.load_hf(tmp_path / "nowhere/at/all")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(hf.CheckpointError, match="config.json"):
         hf.load_hf(tmp_path)
     (tmp_path / "config.json").write_text((untied[0] / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(hf.CheckpointError, match="model.safetensors"):
         hf.load_hf(tmp_path)
     (tmp_path / hf.INDEX_FILE).write_text(json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
-    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+    with pytest.raises(hf.CheckpointError, match="gone.safetensors"):
         hf.load_hf(tmp_path)
 
 

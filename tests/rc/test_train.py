@@ -1,4 +1,4 @@
-"""RC training (SPEC.md §4): the emitted states become training prompts graded against the original problem text,
+"""RC training (docs/recipe.md §4): the emitted states become training prompts graded against the original problem text,
 config checks, and the real CLI on the tiny checkpoint: 3 steps, checkpoints, SIGKILL, resume, and the resumed run
 equal to an uninterrupted one (the RC state buffer comes back from the checkpoint)."""
 import json

@@ -1,6 +1,6 @@
 """reward/grader.py: proof extraction, score parsing, the prompt, and the OpenAI-compatible backend against a stand-in
 HTTP server on 127.0.0.1 that injects faults (500s, hangs, garbage, no score, refused connections), plus the real
-SGLang server's /v1/chat/completions when QEDNANO_SGLANG_VENV is set (SPEC.md §3 "Reward")."""
+SGLang server's /v1/chat/completions when QEDNANO_SGLANG_VENV is set (docs/recipe.md §3 "Reward")."""
 import dataclasses
 import re
 import http.server

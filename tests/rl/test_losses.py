@@ -1,5 +1,5 @@
 """rl/losses.py against references written here in numpy (float64): values and gradients w.r.t. logp_new, for every
-policy loss, KL estimator and aggregation mode, on packed rows, in every clip region (SPEC.md §3)."""
+policy loss, KL estimator and aggregation mode, on packed rows, in every clip region (docs/recipe.md §3)."""
 import dataclasses
 
 import jax
@@ -173,7 +173,7 @@ def test_ppo_token_loss_regions_and_clip_fraction(eps_low, eps_high):
     assert np.array_equal(expected_clipped, ref_grad == 0)
     assert float(sums["clip_fraction"]) == expected_clipped.sum()
     assert float(sums["tokens"]) == 12
-    if eps_low == 4.0:  # the paper's eps: only ratio > 5 with A > 0 is clipped (SPEC.md §3)
+    if eps_low == 4.0:  # the paper's eps: only ratio > 5 with A > 0 is clipped (docs/recipe.md §3)
         assert expected_clipped.tolist() == [False] * 5 + [True] + [False] * 6
 
 

@@ -1,4 +1,4 @@
-"""configs/rl.yaml is SPEC.md §3 number for number; configs/rl-tiny.yaml runs through the real CLI with no server."""
+"""configs/rl.yaml is docs/recipe.md §3 number for number; configs/rl-tiny.yaml runs through the real CLI with no server."""
 import json
 import subprocess
 import sys
