@@ -11,7 +11,7 @@ ignore_eos) are rejected with HTTP 400 naming the field, never silently ignored.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import concurrent.futures
 import json
 import logging
@@ -250,8 +250,14 @@ def make_handler(server: Server):
     return Handler
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qednano_jax.serve", description=__doc__.split("\n\n")[1])
+def main(argv: list[str] | None = None) -> int:
+    from qednano_jax import cli
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from qednano_jax import cli
+    ap = cli.ArgumentParser(prog="python -m qednano_jax.serve", description=__doc__.split("\n\n")[1])
     ap.add_argument("--model-path", required=True, help="HF Qwen3 checkpoint dir (config.json + safetensors)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     ap.add_argument("--port", type=int, default=30000)
@@ -274,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         httpd.server_close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -318,15 +318,19 @@ def _count(values) -> dict:
 
 def cli(argv: list[str] | None, prog: str, doc: str, run: Callable[[DataGenConfig], dict]) -> int:
     """`python -m qednano_jax.data.<prog> CONFIG [key=value ...]`; exit 1 when some problems failed."""
-    p = argparse.ArgumentParser(prog=f"python -m qednano_jax.data.{prog}", description=doc.split("\n\n")[0],
+    from qednano_jax import cli
+    p = cli.ArgumentParser(prog=f"python -m qednano_jax.data.{prog}", description=doc.split("\n\n")[0],
                                 epilog="config fields:\n  " + "\n  ".join(describe(DataGenConfig)),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="configs/datagen/*.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.n=3")
     args = p.parse_args(argv)
-    from qednano_jax import cli
     return cli.run(lambda: 1 if run(load_datagen_config(args.config, args.overrides)).get("failed") else 0)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, "distill", __doc__, run_distill)
+
+
 if __name__ == "__main__":
-    sys.exit(cli(None, "distill", __doc__, run_distill))
+    sys.exit(main())

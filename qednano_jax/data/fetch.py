@@ -13,7 +13,7 @@ config folder can be given to the loaders directly (a dataset folder would merge
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 # hub id -> configs to fetch (None = the dataset's only config); docs/recipe.md §2 (SFT), §3 (RL), §5 (benchmarks)
@@ -67,10 +67,16 @@ def fetch(repo: str, config: str | None, out: Path, fmt: str) -> dict[str, int]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from qednano_jax import cli
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from huggingface_hub import constants
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from qednano_jax import cli
+    p = cli.ArgumentParser(prog="python -m qednano_jax.data.fetch", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("data/hub"), help="folder to write into (default: data/hub)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="fetch only this dataset (e.g. FineProofs-SFT or lm-provers/IMOProofBench); repeatable")
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     _check_hub(constants.ENDPOINT)
     total = sum(sum(fetch(r, c, args.out, args.format).values()) for r in repos for c in DATASETS[r])
     print(f"done: {total} rows under {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -265,5 +265,9 @@ def run_rubrics(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, "rubrics", __doc__, run_rubrics)
+
+
 if __name__ == "__main__":
-    sys.exit(cli(None, "rubrics", __doc__, run_rubrics))
+    sys.exit(main())

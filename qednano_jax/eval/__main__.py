@@ -24,7 +24,7 @@ def _main(argv: list[str]) -> int:
     path = argv.pop(0) if argv and "=" not in argv[0] else None
     cfg = load_eval_config(path, argv)
     from qednano_jax.eval.run import run_eval
-    print(f"out dir: {cfg.eval.out_dir}", file=sys.stderr, flush=True)
+    print(f"out dir: {cfg.eval.out_dir}", flush=True)
     run_eval(cfg)
     return 0
 

@@ -351,6 +351,18 @@ def load_hf(path: str | Path, *, dtype: str | None = None, mesh: jax.sharding.Me
         return _load_hf(local, dtype, mesh, rules)
 
 
+def inspect_checkpoint(path: str | Path) -> ModelConfig:
+    """The architecture of an HF checkpoint, after the checks `load_hf` makes (config.json, the safetensors
+    headers, every tensor's name, shape and dtype) without reading the weights: a CheckpointError names the file."""
+    with local_checkpoint(path) as local:
+        cfg = model_config_from_hf(_read_json(local / "config.json"))
+        files, listing = _tensor_files(local)
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(_open_safetensors(f)) for f in sorted(set(files.values()))}
+            _check_tensors(cfg, files, listing, handles)
+    return cfg
+
+
 def _load_hf(path: Path, dtype: str | None, mesh: jax.sharding.Mesh | None,
              rules: Rules | None) -> tuple[ModelConfig, qwen3.Params]:
     overrides = {"param_dtype": dtype} if dtype else {}

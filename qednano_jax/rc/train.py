@@ -224,15 +224,15 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: pipeline.
     Returns {start_step, steps, metrics: {step: {...}}, run_dir, counters, state, records}."""
     problems_per_step = check_config(cfg)
     run_dir = paths.resolve(cfg.train.run_dir)
+    inputs = loop.load_inputs(cfg, log)  # checked before the run dir is touched
     lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=jax.process_index() == 0)
     try:
-        return _run(cfg, log, reward_fn, run_dir, problems_per_step)
+        return _run(cfg, log, reward_fn, run_dir, problems_per_step, inputs)
     finally:
         lock.release()
 
 
-def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_per_step: int) -> dict:
-    from qednano_jax.data.tokenizer import load_tokenizer
+def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_per_step: int, inputs) -> dict:
     from qednano_jax.rollout import make_rollout
 
     tc, rl, rc = cfg.train, cfg.rl, cfg.rc
@@ -241,11 +241,7 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
     if jax.process_index() != 0:  # multi-host: process 0 runs the RC actor and the rollouts (rl.loop.follow)
         trainer.init_or_restore()
         return loop.follow(cfg, trainer, log)
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except Exception as e:
-        raise ConfigError(f"data.tokenizer: cannot load {cfg.data.tokenizer!r}: {e}") from None
-    prompts, data_stats = rl_data.load_prompts(cfg.data, rl, tokenizer, log=log)
+    tokenizer, prompts, data_stats = inputs
     (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
 
     data_state, extra = trainer.init_or_restore()

@@ -133,15 +133,33 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
     if cfg.stage != "rl":
         raise ConfigError(f"stage: the RL loop got stage {cfg.stage!r}")
     run_dir = paths.resolve(cfg.train.run_dir)
+    inputs = load_inputs(cfg, log)  # checked before the run dir is touched
     lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=jax.process_index() == 0)
     try:
-        return _run(cfg, log, reward_fn, run_dir)
+        return _run(cfg, log, reward_fn, run_dir, inputs)
     finally:
         lock.release()
 
 
-def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, run_dir) -> dict:
+def load_inputs(cfg: Config, log: Callable[[str], None]) -> tuple | None:
+    """(tokenizer, prompts, data stats) of an RL or RC run, every input checked (the checkpoint to start from, the
+    tokenizer against its vocabulary, the prompt rows); None on processes other than 0, which read no data."""
     from qednano_jax.data.tokenizer import load_tokenizer
+    model_cfg = sft.model_config(cfg)
+    if jax.process_index() != 0:
+        return None
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except Exception as e:  # noqa: BLE001 - any failure to load it is the config's tokenizer: named
+        raise ConfigError(f"data.tokenizer: cannot load {cfg.data.tokenizer!r}: {e}") from None
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens but the model's vocabulary has "
+                          f"{model_cfg.vocab_size} rows")
+    prompts, data_stats = rl_data.load_prompts(cfg.data, cfg.rl, tokenizer, log=log)
+    return tokenizer, prompts, data_stats
+
+
+def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, run_dir, inputs) -> dict:
     from qednano_jax.rollout import make_rollout
 
     tc, rl = cfg.train, cfg.rl
@@ -150,14 +168,7 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, ru
     if jax.process_index() != 0:
         trainer.init_or_restore()
         return follow(cfg, trainer, log)
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except Exception as e:
-        raise ConfigError(f"data.tokenizer: cannot load {cfg.data.tokenizer!r}: {e}") from None
-    if len(tokenizer) > model_cfg.vocab_size:
-        raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens but the model's vocabulary has "
-                          f"{model_cfg.vocab_size} rows")
-    prompts, data_stats = rl_data.load_prompts(cfg.data, rl, tokenizer, log=log)
+    tokenizer, prompts, data_stats = inputs
     (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
     sampler = rl_data.PromptSampler(len(prompts), cfg.data.shuffle_seed)
 

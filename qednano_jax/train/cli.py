@@ -26,7 +26,7 @@ def _main(argv: list[str]) -> int:
     from qednano_jax import sharding
     sharding.maybe_initialize_distributed()  # before anything touches the devices
     cfg = load_config(path, argv)
-    print(f"run dir: {cfg.train.run_dir} (stage {cfg.stage})", file=sys.stderr, flush=True)
+    print(f"run dir: {cfg.train.run_dir} (stage {cfg.stage})", flush=True)
     if cfg.stage == "sft":
         from qednano_jax.train import sft
         sft.run(cfg)

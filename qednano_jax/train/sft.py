@@ -53,12 +53,15 @@ def model_config(cfg: Config) -> ModelConfig:
     """cfg.model, or the architecture of the HF checkpoint in train.init with cfg.model's compute settings."""
     if cfg.train.init == "random":
         return cfg.model
-    from qednano_jax.model.hf import model_config_from_hf
+    from qednano_jax.model.hf import CheckpointError, inspect_checkpoint
     path = paths.resolve(cfg.train.init) / "config.json"
     if not path.is_file():
         raise ConfigError(f"train.init: {cfg.train.init!r} is neither `random` nor an HF checkpoint dir "
                           "(no config.json)")
-    arch = model_config_from_hf(json.loads(path.read_text()))
+    try:
+        arch = inspect_checkpoint(cfg.train.init)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init: {e}") from None
     return dataclasses.replace(arch, **{f: getattr(cfg.model, f) for f in COMPUTE_FIELDS})
 
 
@@ -95,24 +98,25 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
     run_dir = paths.resolve(tc.run_dir)
     mesh, rules = mesh_and_rules(cfg)
+    # every input is checked before the run dir is touched: the checkpoint to start from, the data
+    model_cfg = model_config(cfg)
+    ds, stats = sft_data.sft_batches(cfg.data, batch_rows=tc.batch_size // n_hosts,
+                                     process_index=jax.process_index(), process_count=n_hosts, log=log)
     lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=is_main)
     try:
-        return _run(cfg, log, run_dir, mesh, rules)
+        return _run(cfg, log, run_dir, mesh, rules, model_cfg, ds, stats)
     finally:
         lock.release()
 
 
-def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules) -> dict:
+def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules, model_cfg, ds, stats) -> dict:
     tc = cfg.train
     is_main = jax.process_index() == 0
     n_hosts = jax.process_count()
-    model_cfg = model_config(cfg)
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
     schedule = optim.schedule(cfg.optim, tc.steps)
     st_sh = step_lib.state_shardings(model_cfg, optimizer, mesh, rules)
 
-    ds, stats = sft_data.sft_batches(cfg.data, batch_rows=tc.batch_size // n_hosts,
-                                     process_index=jax.process_index(), process_count=n_hosts, log=log)
     if is_main:
         (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=1))
     data_iter = iter(ds)
