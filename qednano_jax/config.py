@@ -148,7 +148,9 @@ class OptimConfig:
     b1: float = field(0.9, "AdamW beta1", ge=0, le=1)
     b2: float = field(0.999, "AdamW beta2", ge=0, le=1)
     eps: float = field(1e-8, "AdamW epsilon", gt=0)
-    weight_decay: float = field(0.0, "decoupled weight decay (not applied to norm weights)", ge=0)
+    weight_decay: float = field(0.0, "decoupled weight decay (on the norm weights only with decay_norms)", ge=0)
+    decay_norms: bool = field(False, "apply weight_decay to the RMSNorm weights too (the released RL stack does: its "
+                              "no-decay filter matches no Qwen3 name, docs/recipe.md §3 'Loss / optimizer')")
     clip_norm: float = field(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0)
 
 
@@ -275,13 +277,13 @@ class GraderConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The RL objective (docs/recipe.md §3 "Loss / optimizer"; see qednano_jax/rl/losses.py). Defaults are the paper's."""
-    policy_loss: str = field("ppo", "per-token policy loss (rl.losses.POLICY_LOSSES)", choices=("ppo", "reinforce"))
+    policy_loss: str = field("ppo", "per-token policy loss", choices=("ppo", "reinforce"))
     clip_eps_low: float = field(4.0, "PPO clip: ratio floor 1 - eps_low for A < 0 (paper: 4)", ge=0)
     clip_eps_high: float = field(4.0, "PPO clip: ratio ceiling 1 + eps_high for A > 0 (paper: 4)", ge=0)
     entropy_coef: float = field(1e-4, "entropy bonus coefficient (entropy of the temperature-scaled policy)", ge=0)
     kl_coef: float = field(0.0, "KL-to-reference penalty coefficient (paper: 0, no reference model)", ge=0)
-    kl_estimator: str = field("k3", "per-token KL estimator (rl.losses.KL_ESTIMATORS)", choices=("k1", "k2", "k3"))
-    aggregation: str = field("token-sum-constant", "how token losses become the step loss (rl.losses.AGGREGATIONS)",
+    kl_estimator: str = field("k3", "per-token KL estimator", choices=("k1", "k2", "k3"))
+    aggregation: str = field("token-sum-constant", "how token losses become the step loss",
                              choices=("token-mean", "sequence-mean-token-mean", "sequence-mean-token-sum",
                                       "token-sum-constant"))
     aggregation_constant: float = field(0.0, "divisor of token-sum-constant; 0 = the samples per step (prompts x "
@@ -420,7 +422,7 @@ class EvalConfig:
                                      "{solution} {guidelines} {proof}; answers: {problem} {answer} {proof}")
     seed: int = field(0, "sampling seed; each (run, batch) draws its own seed from it", ge=0)
     batch_size: int = field(8, "prompts sent to the rollout backend in one generate call", ge=1)
-    out_dir: str = field("runs/eval-tiny", "results.jsonl (resumable), summary.md, summary.json, scores.png")
+    out_dir: str = field("runs/eval", "results.jsonl (resumable), summary.md, summary.json, scores.png")
     name: str = field("", "label of this run in tables and charts ('' = the out_dir name)")
     progress: bool = field(True, "show a tqdm progress bar")
 
@@ -750,5 +752,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        lines.append(f"{prefix}{f.name} ({getattr(tp, '__name__', tp)}, default {default!r}): {f.metadata.get('help', '')}")
+        choices = f.metadata.get("choices")
+        listed = f" [choices: {', '.join(map(str, choices))}]" if choices else ""
+        lines.append(f"{prefix}{f.name} ({getattr(tp, '__name__', tp)}, default {default!r}): "
+                     f"{f.metadata.get('help', '')}{listed}")
     return lines

@@ -4,19 +4,23 @@ So that TPU hosts without SGLang can serve rollouts to a trainer elsewhere, and 
 both. Routes and fields follow SGLang's native HTTP API (0.5.x): `/generate` (input_ids or text, sampling_params, return_logprob;
 meta_info with output_token_logprobs, completion_tokens, finish_reason {type}, weight_version),
 `/update_weights_from_disk` (loads an HF dir with model/hf.py load_hf), `/health`, `/health_generate`,
-`/get_model_info`, `/flush_cache`. Requests that arrive together are batched into one engine call (different
+`/get_model_info`, `/flush_cache`; and the OpenAI-compatible `/v1/chat/completions` (the model dir's chat template,
+`chat_template_kwargs.enable_thinking`, the reply split into `reasoning_content` and `content` at `</think>` as
+SGLang's qwen3 reasoning parser splits it), so that one local process can be the data-generation teacher, scheme
+writer, policy and grader of the tiny demos. Requests that arrive together are batched into one engine call (different
 sampling parameters can share a batch). Sampling features the engine lacks (penalties, min_p, stop strings,
 ignore_eos) are rejected with HTTP 400 naming the field, never silently ignored.
 """
 
 from __future__ import annotations
 
-import sys
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import queue
 import threading
+import sys
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,6 +157,57 @@ class Server:
         out = [reply_of(c, len(p), bool(body.get("return_logprob")), lat) for c, p in zip(comps, prompts)]
         return out[0] if single else out
 
+    def chat(self, body: dict) -> dict:
+        """One OpenAI chat completion (n = 1) of `body["messages"]`; see the module doc."""
+        from qednano_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN
+
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("messages: this model dir has no tokenizer with a chat template")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise BadRequest("messages: required, a list of {role, content} objects")
+        for k, neutral in (("n", 1), ("stop", None), ("stream", False), ("tools", None), ("logit_bias", None)):
+            if body.get(k, neutral) not in (neutral, [] if k == "stop" else neutral):
+                raise BadRequest(f"{k}: {body[k]!r} is not supported by this server")
+        thinking = bool((body.get("chat_template_kwargs") or {}).get("enable_thinking", True))
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=thinking)
+        if thinking and not text.rstrip("\n").endswith(THINK_OPEN):
+            text += THINK_OPEN + "\n"  # a hybrid template leaves <think> to the model: the policy's format
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        sampling = {"max_new_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or
+                    _SGLANG_DEFAULT_MAX_NEW, "temperature": body.get("temperature", 1.0),
+                    "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", -1)}
+        if body.get("seed") is not None:
+            sampling["sampling_seed"] = body["seed"]
+        sp = parse_sampling(sampling)
+        room = self.engine.cfg.max_position_embeddings - len(ids)
+        if room < 1:
+            raise BadRequest(f"messages: {len(ids)} prompt tokens leave no room in the model's "
+                             f"{self.engine.cfg.max_position_embeddings}-token context")
+        if sp.max_new_tokens > room:
+            sp = dataclasses.replace(sp, max_new_tokens=room)
+        fresh = self.engine.seed_for_call()
+        (c,) = self.batcher.submit([(ids, sp, fresh if sp.seed is None else sp.seed, 0)]).result()
+        out = self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            out = out.replace(tok, "")
+        if THINK_CLOSE in out:
+            reasoning, content = out.split(THINK_CLOSE, 1)
+        elif thinking:
+            reasoning, content = out, ""  # the thinking never closed: all of it is reasoning
+        else:
+            reasoning, content = "", out
+        reasoning = reasoning.replace(THINK_OPEN, "").strip("\n")
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model") or self.model_path,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content.strip(),
+                                                     "reasoning_content": reasoning or None},
+                             "finish_reason": "stop" if c.finish_reason == "stop" else "length"}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(c.token_ids),
+                          "total_tokens": len(ids) + len(c.token_ids)}}
+
     def update_weights(self, body: dict) -> tuple[int, dict]:
         from qednano_jax.model.hf import load_hf
 
@@ -229,6 +284,11 @@ def make_handler(server: Server):
                     return self._send(200, {"weight_version": server.engine.weight_version})
                 if path == "/generate" and method in ("POST", "PUT"):
                     return self._send(200, server.generate(self._body()))
+                if path == "/v1/chat/completions" and method == "POST":
+                    return self._send(200, server.chat(self._body()))
+                if path == "/v1/models":
+                    return self._send(200, {"object": "list", "data": [{"id": server.model_path,
+                                                                        "object": "model"}]})
                 if path == "/update_weights_from_disk" and method == "POST":
                     return self._send(*server.update_weights(self._body()))
                 return self._send(404, {"error": f"no route {method} {path}"})

@@ -1,7 +1,8 @@
 """AdamW with global-norm clipping and a warmup + cosine or constant schedule (docs/recipe.md §2 SFT, §3 RL).
 
 SFT (TRL defaults, docs/recipe.md §2): linear warmup then cosine decay to `final_lr_ratio * lr`. RL (docs/recipe.md §3): LR 1e-6
-constant. Weight decay skips the norm weights, as HF Trainer skips LayerNorm weights and biases.
+constant. Weight decay skips the norm weights, as HF Trainer skips LayerNorm weights and biases, unless
+`optim.decay_norms` (the released RL stack decays every parameter).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
+    """True for the leaves weight decay applies to: every leaf but the norm weights."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: not str(getattr(path[-1], "key", path[-1])).endswith("norm"), params)
 
@@ -32,7 +34,7 @@ def _decay_mask(params):
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """clip_by_global_norm (if clip_norm > 0) -> AdamW(schedule)."""
     adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=_decay_mask)
+                        weight_decay=cfg.weight_decay, mask=None if cfg.decay_norms else _decay_mask)
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw

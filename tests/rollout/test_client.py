@@ -118,3 +118,39 @@ def test_killed_server_fails_clearly_then_restarted_server_is_used_again(server,
     finally:
         restarter.join()
     assert [g[0].token_ids for g in got] == [g[0].token_ids for g in native.generate(prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_serve_chat_completions_is_the_greedy_generate_of_the_chat_prompt(native_server, tiny_hf_dir, thinking):
+    """`/v1/chat/completions` on `python -m qednano_jax.serve`: the prompt is the model dir's chat template (thinking
+    opened, or disabled through chat_template_kwargs), the reply is the same greedy tokens `/generate` gives for those
+    ids, split at `</think>` into reasoning_content and content."""
+    import requests
+
+    from qednano_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_hf_dir)
+    messages = [{"role": "user", "content": "Let n = 3. Then n^2 = 9, hence"}]
+    r = requests.post(f"{native_server.url}/v1/chat/completions", timeout=120, json={
+        "model": "m", "messages": messages, "max_tokens": 12, "temperature": 0,
+        "chat_template_kwargs": {"enable_thinking": thinking}})
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+    assert text.endswith("<|im_start|>assistant\n<think>\n" if thinking else "<|im_start|>assistant\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ref = requests.post(f"{native_server.url}/generate", timeout=120, json={
+        "input_ids": ids, "sampling_params": {"max_new_tokens": 12, "temperature": 0}}).json()
+    out = tok.decode(ref["output_ids"], skip_special_tokens=False).replace("<|im_end|>", "").replace(
+        "<|endoftext|>", "")
+    if "</think>" in out:
+        want_reasoning, want_content = out.split("</think>", 1)
+    else:
+        want_reasoning, want_content = (out, "") if thinking else ("", out)
+    msg = reply["choices"][0]["message"]
+    assert (msg["reasoning_content"] or "") == want_reasoning.strip("\n")
+    assert msg["content"] == want_content.strip()
+    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref["output_ids"]),
+                              "total_tokens": len(ids) + len(ref["output_ids"])}
+    assert reply["choices"][0]["finish_reason"] == ("length" if len(ref["output_ids"]) == 12 else "stop")
+    bad = requests.post(f"{native_server.url}/v1/chat/completions", timeout=60, json={"messages": messages, "n": 2})
+    assert bad.status_code == 400 and "n: 2" in bad.text

@@ -152,3 +152,9 @@ def test_weight_decay_skips_norms():
     upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     np.testing.assert_allclose(upd["w"], -0.5)
     np.testing.assert_allclose(upd["final_norm"], 0.0)
+    # decay_norms (the released RL stack): every parameter decays, norms included
+    opt = optim.make_optimizer(OptimConfig(lr=1.0, weight_decay=0.5, warmup_ratio=0.0, schedule="constant",
+                                           clip_norm=0.0, decay_norms=True), 10)
+    upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    np.testing.assert_allclose(upd["w"], -0.5)
+    np.testing.assert_allclose(upd["final_norm"], -0.5)
