@@ -281,8 +281,6 @@ class LossConfig:
     clip_eps_low: float = field(4.0, "PPO clip: ratio floor 1 - eps_low for A < 0 (paper: 4)", ge=0)
     clip_eps_high: float = field(4.0, "PPO clip: ratio ceiling 1 + eps_high for A > 0 (paper: 4)", ge=0)
     entropy_coef: float = field(1e-4, "entropy bonus coefficient (entropy of the temperature-scaled policy)", ge=0)
-    kl_coef: float = field(0.0, "KL-to-reference penalty coefficient (paper: 0, no reference model)", ge=0)
-    kl_estimator: str = field("k3", "per-token KL estimator", choices=("k1", "k2", "k3"))
     aggregation: str = field("token-sum-constant", "how token losses become the step loss",
                              choices=("token-mean", "sequence-mean-token-mean", "sequence-mean-token-sum",
                                       "token-sum-constant"))

@@ -289,8 +289,8 @@ def run_distill(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
         "export": [str(jsonl), str(parquet)], "journal": str(journal.path), "config": to_dict(cfg.distill),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    log(f"distill: {summary['finished']}/{len(problems)} problems done ({summary['failed']} failed this run: re-run "
-        f"to retry them); {len(samples)} samples, {summary['unclosed_thinking']} with unclosed thinking; "
+    failed_note = f" ({summary['failed']} failed this run: re-run to retry them)" if summary["failed"] else ""
+    log(f"distill: {summary['finished']}/{len(problems)} problems done{failed_note}; {len(samples)} samples, {summary['unclosed_thinking']} with unclosed thinking; "
         f"{len(rows)} rows -> {jsonl} and {parquet}; tokens: {summary['prompt_tokens']} prompt, "
         f"{summary['completion_tokens']} generated")
     return summary

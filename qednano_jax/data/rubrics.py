@@ -259,8 +259,8 @@ def run_rubrics(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
         "export": [str(jsonl), str(parquet)], "journal": str(journal.path), "config": to_dict(r),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    log(f"rubrics: {len(records)}/{len(problems)} problems done ({len(failed)} failed this run: re-run to retry "
-        f"them); {len(summary['invalid_schemes'])} schemes fail the format check; {len(rows)} rows -> {jsonl} and "
+    failed_note = f" ({len(failed)} failed this run: re-run to retry them)" if failed else ""
+    log(f"rubrics: {len(records)}/{len(problems)} problems done{failed_note}; {len(summary['invalid_schemes'])} schemes fail the format check; {len(rows)} rows -> {jsonl} and "
         f"{parquet}; {summary['rollouts']} graded rollouts ({summary['grader_failures']} grader failures)")
     return summary
 

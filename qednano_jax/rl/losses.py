@@ -1,4 +1,4 @@
-"""RL losses: group advantages, per-token policy losses, KL estimators and aggregation modes, registered by name.
+"""RL losses: group advantages, per-token policy losses and aggregation modes, registered by name.
 
 The recipe is docs/recipe.md §3 ("Loss / optimizer"), the GRPO-style objective of QED-Nano (arXiv:2604.04898), as configured
 in its released PipelineRL code (`policy_loss: ppo`, `rl.epsilon: 4`, entropy bonus 1e-4, no KL, token sum divided
@@ -9,7 +9,10 @@ by the samples per step):
     surr  = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)      (PPO, Schulman et al. 2017,
                                                                              arXiv:1707.06347; eps_low/high as DAPO,
                                                                              arXiv:2503.14476)
-    loss  = sum_tokens w_t * (-surr_t - entropy_coef * H_t + kl_coef * KL_t) / denominator
+    loss  = sum_tokens w_t * (-surr_t - entropy_coef * H_t) / denominator
+
+There is no KL term: the recipe has none (kl_coef 0, no reference model), so the project keeps no reference model
+either.
 
 `logp_new` is computed from the trainer's logits divided by the sampling temperature (the caller uses
 `model.qwen3.token_logprobs(..., temperature=T)`), so it is comparable with the sampler's logprobs.
@@ -101,25 +104,6 @@ def reinforce_loss(logp_new, logp_old, adv, cfg: LossConfig):
     return -adv * logp_new, {"ratio": ratio, "clipped": jnp.zeros_like(logp_new)}
 
 
-# ----------------------------------------------------------------------------------------------- KL estimators
-# Per-token estimators of KL(pi_new || pi_ref) from samples of the policy (J. Schulman, "Approximating KL
-# divergence", 2020). With log r = logp_ref - logp_new: k1 = -log r (unbiased, high variance), k2 = (log r)^2 / 2
-# (biased, low variance), k3 = (r - 1) - log r (unbiased, low variance, always >= 0; used by GRPO).
-
-KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "k1": lambda logp_new, logp_ref: logp_new - logp_ref,
-    "k2": lambda logp_new, logp_ref: 0.5 * jnp.square(logp_ref - logp_new),
-    "k3": lambda logp_new, logp_ref: jnp.expm1(logp_ref - logp_new) - (logp_ref - logp_new),
-}
-
-
-def kl_penalty(logp_new, logp_ref, estimator: str):
-    """Per-token KL(pi_new || pi_ref) estimate by name (`k1`, `k2`, `k3`)."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"rl.loss.kl_estimator: {estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](logp_new, logp_ref)
-
-
 # ----------------------------------------------------------------------------------------------- aggregation
 
 AGGREGATIONS = ("token-mean", "sequence-mean-token-mean", "sequence-mean-token-sum", "token-sum-constant")
@@ -184,14 +168,13 @@ def denominator(mode: str, masks, segment_ids=None, constant: float | None = Non
 
 # ----------------------------------------------------------------------------------------------- the loss
 
-def rl_loss(name: str, logp_new_bt, logp_old_bt, adv_bt, weights_bt, cfg: LossConfig, entropy_bt=None,
-            ref_logp_bt=None):
+def rl_loss(name: str, logp_new_bt, logp_old_bt, adv_bt, weights_bt, cfg: LossConfig, entropy_bt=None):
     """Weighted SUM of per-token RL losses of one micro-batch, and metric sums.
 
-    loss_t = policy_loss[name]_t - entropy_coef * H_t + kl_coef * KL_estimator(logp_new, ref_logp)_t, and
+    loss_t = policy_loss[name]_t - entropy_coef * H_t, and
     loss_sum = sum_t weights_t * loss_t. Divide the step's total by `denominator(...)` (see module docstring).
     `adv_bt` is the sequence advantage broadcast to its tokens; `entropy_bt` (needed when entropy_coef != 0) is
-    the entropy of the temperature-scaled distribution; `ref_logp_bt` is needed when kl_coef != 0.
+    the entropy of the temperature-scaled distribution.
 
     Metrics are plain sums over the loss tokens (weights != 0), so they add up over micro-batches and hosts;
     `metric_means` turns them into per-token means. `logprob_gap` is |logp_new - logp_old|, the sampler-vs-trainer
@@ -205,8 +188,6 @@ def rl_loss(name: str, logp_new_bt, logp_old_bt, adv_bt, weights_bt, cfg: LossCo
     # ratio (or its gradient) would still be NaN
     pinned = jax.lax.stop_gradient(logp_new_bt)
     logp_old_bt = jnp.where(mask > 0, logp_old_bt, pinned)
-    if ref_logp_bt is not None:
-        ref_logp_bt = jnp.where(mask > 0, ref_logp_bt, pinned)
     loss_t, aux = POLICY_LOSSES[name](logp_new_bt, logp_old_bt, adv_bt, cfg)
     metrics = {"policy_loss": loss_t, "clip_fraction": aux["clipped"], "ratio": aux["ratio"],
                "logprob_gap": jnp.abs(logp_new_bt - logp_old_bt), "advantage": jnp.broadcast_to(adv_bt, w.shape)}
@@ -217,12 +198,6 @@ def rl_loss(name: str, logp_new_bt, logp_old_bt, adv_bt, weights_bt, cfg: LossCo
         loss_t = loss_t - cfg.entropy_coef * entropy_bt
     if entropy_bt is not None:
         metrics["entropy"] = entropy_bt
-    if cfg.kl_coef:
-        if ref_logp_bt is None:
-            raise ValueError("rl.loss.kl_coef is set but no reference logprobs were passed")
-        kl = kl_penalty(logp_new_bt, ref_logp_bt, cfg.kl_estimator)
-        loss_t = loss_t + cfg.kl_coef * kl
-        metrics["kl"] = kl
     loss_sum = jnp.sum(w * loss_t)
     sums = {k: jnp.sum(mask * v) for k, v in metrics.items()}
     sums["tokens"] = jnp.sum(mask)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qednano_jax import paths, sharding
-from qednano_jax.config import Config, ConfigError
+from qednano_jax.config import Config
 from qednano_jax.model import qwen3
 from qednano_jax.reward.grader import Grader
 from qednano_jax.rl import losses
@@ -50,8 +50,6 @@ class RLTrainer:
         self.b_sh = {k: split for k in BATCH_KEYS}
         self.b_sh["valid"] = self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh,
                                                                                   jax.sharding.PartitionSpec())
-        if cfg.rl.loss.kl_coef:
-            raise ConfigError("rl.loss.kl_coef: the RL loop keeps no reference model (docs/recipe.md §3: kl_coef 0)")
         self.step_fn = step_lib.make_train_step(self.model_cfg, losses.rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
                                                 self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
                                                 state_sh=self.st_sh, batch_sh=self.b_sh)

@@ -1,5 +1,5 @@
 """rl/losses.py against references written here in numpy (float64): values and gradients w.r.t. logp_new, for every
-policy loss, KL estimator and aggregation mode, on packed rows, in every clip region (docs/recipe.md §3)."""
+policy loss and aggregation mode, on packed rows, in every clip region (docs/recipe.md §3)."""
 import dataclasses
 
 import jax
@@ -43,21 +43,20 @@ def make_inputs(seed=0):
             if m == mb:
                 adv[r][seg[r] == s] = a
         ent = rng.uniform(0.1, 2.0, seg.shape)
-        lref = lold + rng.uniform(-0.5, 0.5, seg.shape)
         lold = np.where(mask == 1, lold, -np.inf)  # padding may hold garbage: it must not reach loss or gradient
-        out.append(dict(lnew=lnew, lold=lold, adv=adv, ent=ent, lref=lref, seg=seg, mask=mask))
+        out.append(dict(lnew=lnew, lold=lold, adv=adv, ent=ent, seg=seg, mask=mask))
     return out
 
 
 # ----------------------------------------------------------------------------------------------- numpy references
 
-def np_token_loss(kind, lnew, lold, adv, ent, lref, eps_low, eps_high, ent_c, kl_c, est):
+def np_token_loss(kind, lnew, lold, adv, ent, eps_low, eps_high, ent_c):
     """Per-token loss and its analytic derivative w.r.t. lnew (meaningful on loss tokens only)."""
     with np.errstate(invalid="ignore", over="ignore"):  # padding holds lold = -inf
-        return _np_token_loss(kind, lnew, lold, adv, ent, lref, eps_low, eps_high, ent_c, kl_c, est)
+        return _np_token_loss(kind, lnew, lold, adv, ent, eps_low, eps_high, ent_c)
 
 
-def _np_token_loss(kind, lnew, lold, adv, ent, lref, eps_low, eps_high, ent_c, kl_c, est):
+def _np_token_loss(kind, lnew, lold, adv, ent, eps_low, eps_high, ent_c):
     ratio = np.exp(lnew - lold)
     if kind == "ppo":
         unclipped = ratio * adv
@@ -68,10 +67,7 @@ def _np_token_loss(kind, lnew, lold, adv, ent, lref, eps_low, eps_high, ent_c, k
         loss, grad = -surr, -dsurr
     else:  # reinforce
         loss, grad = -adv * lnew, -adv
-    loss = loss - ent_c * ent
-    d = lref - lnew
-    kl, dkl = {"k1": (-d, np.ones_like(d)), "k2": (0.5 * d * d, -d), "k3": (np.exp(d) - 1 - d, 1 - np.exp(d))}[est]
-    return loss + kl_c * kl, grad + kl_c * dkl
+    return loss - ent_c * ent, grad
 
 
 def np_sequences(inputs):
@@ -105,29 +101,26 @@ def jax_step_loss(mode, kind, cfg, inputs, lnews, constant=None):
     for x, lnew in zip(inputs, lnews):
         w = losses.token_weights(x["mask"], x["seg"], mode)
         ls, ms = losses.rl_loss(kind, lnew, jnp.asarray(x["lold"], jnp.float32), jnp.asarray(x["adv"], jnp.float32),
-                                w, cfg, entropy_bt=jnp.asarray(x["ent"], jnp.float32),
-                                ref_logp_bt=jnp.asarray(x["lref"], jnp.float32))
+                                w, cfg, entropy_bt=jnp.asarray(x["ent"], jnp.float32))
         total = total + ls / den
         sums = ms if sums is None else jax.tree.map(jnp.add, sums, ms)
     return total, sums
 
 
-CASES = [("ppo", 0.2, 0.28, 0.0, 0.0, "k3"), ("ppo", 4.0, 4.0, 1e-4, 0.0, "k3"), ("ppo", 0.2, 0.2, 1e-2, 0.1, "k1"),
-         ("ppo", 0.2, 0.28, 0.0, 0.05, "k2"), ("ppo", 4.0, 4.0, 1e-4, 0.2, "k3"),
-         ("reinforce", 0.2, 0.2, 1e-3, 0.0, "k3")]
+CASES = [("ppo", 0.2, 0.28, 0.0), ("ppo", 4.0, 4.0, 1e-4), ("ppo", 0.2, 0.2, 1e-2), ("reinforce", 0.2, 0.2, 1e-3)]
 
 
 @pytest.mark.parametrize("mode", losses.AGGREGATIONS)
-@pytest.mark.parametrize("kind,eps_low,eps_high,ent_c,kl_c,est", CASES)
-def test_step_loss_and_gradient_match_numpy(mode, kind, eps_low, eps_high, ent_c, kl_c, est):
+@pytest.mark.parametrize("kind,eps_low,eps_high,ent_c", CASES)
+def test_step_loss_and_gradient_match_numpy(mode, kind, eps_low, eps_high, ent_c):
     inputs = make_inputs()
     cfg = LossConfig(policy_loss=kind, clip_eps_low=eps_low, clip_eps_high=eps_high, entropy_coef=ent_c,
-                     kl_coef=kl_c, kl_estimator=est, aggregation=mode)
+                     aggregation=mode)
     constant = 13.0
 
     def np_total(lnews):
-        per_tok = [np_token_loss(kind, ln, x["lold"], x["adv"], x["ent"], x["lref"], eps_low, eps_high, ent_c, kl_c,
-                                 est)[0] for ln, x in zip(lnews, inputs)]
+        per_tok = [np_token_loss(kind, ln, x["lold"], x["adv"], x["ent"], eps_low, eps_high, ent_c)[0]
+                   for ln, x in zip(lnews, inputs)]
         return np_step_loss(mode, per_tok, inputs, constant)
 
     lnews = [x["lnew"] for x in inputs]
@@ -158,7 +151,7 @@ def test_ppo_token_loss_regions_and_clip_fraction(eps_low, eps_high):
     lold = np.full(12, -1.3)
     lnew = lold + np.log(ratio)
     cfg = LossConfig(clip_eps_low=eps_low, clip_eps_high=eps_high, entropy_coef=0.0)
-    ref_loss, ref_grad = np_token_loss("ppo", lnew, lold, adv, 0.0, 0.0, eps_low, eps_high, 0.0, 0.0, "k3")
+    ref_loss, ref_grad = np_token_loss("ppo", lnew, lold, adv, 0.0, eps_low, eps_high, 0.0)
     w = np.ones((1, 12), np.float32)
 
     def f(ln):
@@ -205,7 +198,7 @@ def test_token_weights_and_denominators_on_packed_rows():
 
 def test_metric_sums_match_numpy():
     inputs = make_inputs()
-    cfg = LossConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.1)
+    cfg = LossConfig(clip_eps_low=0.2, clip_eps_high=0.28)
     _, sums = jax_step_loss("token-mean", "ppo", cfg, inputs, [jnp.asarray(x["lnew"], jnp.float32) for x in inputs])
     metric_np = {}
     sel = [x["mask"] == 1 for x in inputs]
@@ -214,8 +207,7 @@ def test_metric_sums_match_numpy():
     adv = cat(lambda x: x["adv"])
     metric_np.update(tokens=len(ratio), ratio=ratio.mean(), entropy=cat(lambda x: x["ent"]).mean(),
                      advantage=adv.mean(), logprob_gap=np.abs(np.log(ratio)).mean(),
-                     clip_fraction=(((adv > 0) & (ratio > 1.28)) | ((adv < 0) & (ratio < 0.8))).mean(),
-                     kl=cat(lambda x: np.exp(x["lref"] - x["lnew"]) - 1 - (x["lref"] - x["lnew"])).mean())
+                     clip_fraction=(((adv > 0) & (ratio > 1.28)) | ((adv < 0) & (ratio < 0.8))).mean())
     got = losses.metric_means(sums)
     for k, v in metric_np.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
@@ -239,7 +231,6 @@ def test_group_advantages(std):
 def test_registry_and_config_agree():
     fields = {f.name: f for f in dataclasses.fields(LossConfig)}
     assert set(fields["policy_loss"].metadata["choices"]) == set(losses.POLICY_LOSSES)
-    assert set(fields["kl_estimator"].metadata["choices"]) == set(losses.KL_ESTIMATORS)
     assert tuple(fields["aggregation"].metadata["choices"]) == losses.AGGREGATIONS
     with pytest.raises(ValueError, match="registered twice"):
         losses.register_policy_loss("ppo")(losses.ppo_loss)
