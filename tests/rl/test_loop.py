@@ -179,13 +179,14 @@ class _DeepBacklogServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128  # the default backlog of 5 can reset some of 16 concurrent connects before any handler runs
 
 
-def test_grader_faults_never_stop_the_run(tmp_path, tiny_hf_dir):
+def test_grader_faults_within_the_limit_are_counted_and_never_stop_the_run(tmp_path, tiny_hf_dir):
+    """With grader.max_failure_frac at 1 (no limit), every fault scores 0 and is counted, retries included."""
     srv = _DeepBacklogServer(("127.0.0.1", 0), _Always500)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         cfg = toy_config(tmp_path, tiny_hf_dir, "faults", "train.steps=2", "checkpoint.every=100",
                          f"grader.base_url=http://127.0.0.1:{srv.server_port}/v1", "grader.api=chat",
-                         "grader.retries=1", "grader.backoff=[0.01]", "grader.timeout=5")
+                         "grader.retries=1", "grader.backoff=[0.01]", "grader.timeout=5", "grader.max_failure_frac=1")
         grader = OpenAIGrader(cfg.grader)
         # every completion is sent as a proof (a 2-token completion rarely closes its thinking)
         out = loop.run(cfg, log=lambda s: None, reward_fn=lambda items: grader.grade_many(
