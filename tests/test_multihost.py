@@ -105,8 +105,7 @@ def _reference_losses(tmp_path, monkeypatch, steps: int) -> dict[int, float]:
         return _HostsConcat([iter(ds) for ds, _ in parts]), stats
 
     monkeypatch.setattr(sft_data, "sft_batches", two_hosts)
-    cfg = load_config(None, OVERRIDES + [f"train.steps={steps}", f"train.run_dir={tmp_path / 'ref'}",
-                                         "train.export_hf=false"])
+    cfg = load_config(None, OVERRIDES + [f"train.steps={steps}", f"train.run_dir={tmp_path / 'ref'}"])
     return sft.run(cfg, log=lambda m: None)["losses"]
 
 
@@ -124,7 +123,13 @@ def test_two_hosts_match_one_host_and_resume(tmp_path, monkeypatch):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # process 0 alone writes metrics
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
-    assert (run_dir / "hf" / "model.safetensors").is_file() and (run_dir / "hf" / "config.json").is_file()
+    # the HF export: each host wrote the file of its own layers, process 0 the rest and the index
+    files = sorted(p.name for p in (run_dir / "hf").glob("*.safetensors"))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)], files
+    index = json.loads((run_dir / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.0.mlp.up_proj.weight"] == files[0] and index["model.norm.weight"] == files[2]
+    assert index[f"model.layers.{max(int(k.split('.')[2]) for k in index if k.startswith('model.layers.'))}"
+                 ".mlp.up_proj.weight"] == files[1]
     ckpt = run_dir / "checkpoints"
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 4]
     assert sorted(p.name for p in (ckpt / "4" / "data").glob("process_*.json")) == ["process_0-of-2.json",
@@ -143,6 +148,17 @@ def test_two_hosts_match_one_host_and_resume(tmp_path, monkeypatch):
     want = _reference_losses(tmp_path, monkeypatch, 6)
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=2e-5)
     assert got[6] < got[1]  # it trains
+    # the per-host export holds the same weights as the one-process run's single-file export, and transformers
+    # loads it with no missing or unexpected tensor
+    import jax
+    from transformers import AutoModelForCausalLM
+
+    from qednano_jax.model.hf import load_hf
+    (_, two), (_, one) = load_hf(run_dir / "hf"), load_hf(tmp_path / "ref" / "hf")
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=3e-5)  # 6 steps of float drift
+    _, info = AutoModelForCausalLM.from_pretrained(run_dir / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
 # ----------------------------------------------------------------------------------------------- RL and RC

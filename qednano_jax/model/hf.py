@@ -434,11 +434,20 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     (plus an index) when they do not fit one file. Parameters are gathered to the host one at a time and each shard
     is written as soon as it is complete, so host memory stays near one shard plus one parameter. Earlier weight
     files in `path` are removed so that the directory never mixes two checkpoints; writing atomically (temp dir +
-    rename) is the caller's job. In multi-host runs every process calls this; process 0 writes.
+    rename) is the caller's job.
+
+    Multi-host (every process calls this; `path` must be storage all hosts see: a bucket or a shared filesystem):
+    when the layer count divides over the processes, each host writes the safetensors file of its own block of
+    layers (the stacked layer params are resharded so that host h holds layers [h L/H, (h+1) L/H): an all-to-all,
+    no whole-model gather) and process 0 the file of the other tensors (embedding, final norm, head: gathered) and
+    the index; the function returns once every file is written. Otherwise each tensor is gathered and process 0
+    writes them all.
     """
     path = paths.resolve(path) if paths.is_url(path) else Path(path)
     save_dtype = dtype or str(jnp.dtype(_get(params, ("embed",)).dtype))
     cfg = dataclasses.replace(config, param_dtype=save_dtype)
+    if jax.process_count() > 1 and cfg.num_layers % jax.process_count() == 0:
+        return _save_per_host(cfg, params, path, tokenizer_dir)
     np_dtype = np.dtype(jnp.dtype(save_dtype))
     tensors = list(hf_tensors(cfg))
     shard_of, sizes = {}, [0]
@@ -483,11 +492,69 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     (path / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
     if tokenizer_dir is not None:
-        copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
-        if not copied:
-            raise CheckpointError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
-        for f in copied:
-            paths.copy(Path(tokenizer_dir) / f, path / f)
+        _copy_tokenizer(tokenizer_dir, path)
+    return path
+
+
+def _copy_tokenizer(tokenizer_dir: str | Path, path: Path | epath.Path) -> None:
+    copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
+    if not copied:
+        raise CheckpointError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    for f in copied:
+        paths.copy(Path(tokenizer_dir) / f, path / f)
+
+
+def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Path,
+                   tokenizer_dir: str | Path | None) -> Path | epath.Path:
+    """`save_hf` on several hosts, each writing its own layers (see save_hf)."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n, me = jax.process_count(), jax.process_index()
+    per = cfg.num_layers // n
+    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]  # file n: the other tensors
+    tensors = list(hf_tensors(cfg))
+    file_of = {name: (layer // per if layer is not None else n) for name, _, layer, _ in tensors}
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    hosts = jax.sharding.Mesh(np.asarray(devices).reshape(n, -1), ("hosts", "local"))
+    blocks = jax.jit(lambda x: x, out_shardings=NamedSharding(hosts, P("hosts")))
+    if me == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+            if old.name not in names and old.exists():
+                old.unlink()
+    multihost_utils.sync_global_devices("qednano_save_hf_start")  # the directory exists, stale files are gone
+    mine = _ShardWriter(path / names[me], [(t, s) for t, _, _, s in tensors if file_of[t] == me], np_dtype)
+    rest = (_ShardWriter(path / names[n], [(t, s) for t, _, _, s in tensors if file_of[t] == n], np_dtype)
+            if me == 0 else None)
+    for entry, _ in _entries(cfg):
+        leaf = _get(params, entry.ours)
+        if entry.per_layer:  # this host's block of layers, [per, ...], resharded without a gather
+            local = blocks(leaf).addressable_shards[0].data
+            host = np.asarray(jax.device_get(local)).astype(np_dtype, copy=False)
+            buf = np.empty(_leaf_shape(entry, host.shape), np_dtype) if entry.split else None
+            for j in range(per):
+                mine.write(to_hf(entry, host[j], buf))
+        else:
+            host = _to_host(leaf).astype(np_dtype, copy=False)  # a collective: every process takes part
+            if rest is not None:
+                rest.write(to_hf(entry, host, None))
+        del leaf
+    mine.close()
+    if rest is not None:
+        rest.close()
+        sizes = [0] * (n + 1)
+        for name, _, _, shape in tensors:
+            sizes[file_of[name]] += math.prod(shape) * np_dtype.itemsize
+        index = {"metadata": {"total_size": sum(sizes)},
+                 "weight_map": {name: names[file_of[name]] for name, _, _, _ in tensors}}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+        (path / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            _copy_tokenizer(tokenizer_dir, path)
+    multihost_utils.sync_global_devices("qednano_save_hf_done")  # every host's file is complete
     return path
 
 

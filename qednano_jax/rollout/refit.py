@@ -35,18 +35,22 @@ def export_version(cfg: ModelConfig, params: Any, refit_dir: str | os.PathLike, 
                    keep_last: int = 2, dtype: str | None = None) -> tuple[Path, float]:
     """Write `params` as an HF checkpoint to refit_dir/weights-<version> atomically, in `dtype` (None: the params'
     own); keep the newest `keep_last` exports. Returns (directory, seconds). Multi-host: every process calls it
-    (each tensor is gathered from all hosts); process 0 writes."""
+    (each host writes its own layers into the shared refit_dir, see save_hf); process 0 renames."""
     from qednano_jax.model.hf import save_hf
 
     import jax
+    from qednano_jax.train.driver import multihost_barrier
+
     t0 = time.perf_counter()
     final = version_dir(refit_dir, version)
-    if jax.process_index() != 0:  # multi-host: every process takes part in the gathers, process 0 writes
-        save_hf(cfg, params, final.parent / f".tmp-{final.name}-process-{jax.process_index()}", dtype=dtype)
+    tmp = final.parent / f".tmp-{final.name}"  # multi-host: every process writes its layers here (save_hf)
+    if jax.process_index() != 0:
+        multihost_barrier("qednano_refit_clean")
+        save_hf(cfg, params, tmp, dtype=dtype)
         return final, time.perf_counter() - t0
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    multihost_barrier("qednano_refit_clean")
     save_hf(cfg, params, tmp, dtype=dtype)
     if final.exists():  # re-export of the same version: move the old one aside first, then drop it
         old = final.parent / f".old-{final.name}-{os.getpid()}"

@@ -233,21 +233,32 @@ def check_finite(step: int, metrics: dict, last_checkpoint: Callable[[], int | N
                     "good one")
 
 
+def multihost_barrier(name: str) -> None:
+    """Every process waits here for the others (a no-op on one host)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def atomic_export(path, write: Callable[[Any], None]) -> None:
     """write(tmp) into a temporary sibling of `path`, then swap it into place: a crash leaves the previous complete
     export (or none), never a partial one. On an object store (gs://) there is no rename: written in place. In a
-    multi-host run every process calls this (the export gathers each tensor); only process 0 writes and renames."""
+    multi-host run every process calls this and writes into the same temporary directory (save_hf: each host its
+    own layers; the run dir must be storage every host sees); process 0 renames once all have written."""
     import jax
     path = paths.resolve(path)
     if paths.is_url(path):
         write(path)
         return
-    if jax.process_index() != 0:  # the other hosts only take part in the gathers (save_hf: process 0 writes)
-        write(path.with_name(f".{path.name}.tmp-process-{jax.process_index()}"))
+    tmp = path.with_name(f".{path.name}.tmp-export")  # one name every host agrees on (the run dir is locked)
+    if jax.process_index() != 0:
+        multihost_barrier("qednano_export_clean")
+        write(tmp)
         return
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed export (the run dir is locked)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    multihost_barrier("qednano_export_clean")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         write(tmp)
