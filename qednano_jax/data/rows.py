@@ -42,6 +42,11 @@ class Rows(list):
         return self.labels[i]
 
 
+def from_dataset(ds: Any, label: str) -> Rows:
+    """The rows of a `datasets` Dataset, labelled "LABEL row N" (1-based)."""
+    return Rows(ds.to_list(), [f"{label} row {i}" for i in range(1, len(ds) + 1)])
+
+
 def check_mapping(rows: Rows, i: int) -> dict:
     """Row i as a dict, or DataError naming where it is (a line that is not JSON, or a JSON value that is no
     object)."""
@@ -95,7 +100,7 @@ def load_rows(path: str, *, name: str | None = None, split: str = "train", key: 
         except Exception as e:  # noqa: BLE001 - offline, a wrong id or split: re-raised naming the key
             raise DataError(f"{key}: {path!r} is not a local file or folder and could not be loaded from the hub "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        out = Rows(ds.to_list(), [f"{path} row {i}" for i in range(1, len(ds) + 1)])
+        out = from_dataset(ds, path)
     if not out:
         raise DataError(f"{key}: {path} holds no rows (an empty file)")
     return out
@@ -112,4 +117,4 @@ def _via_datasets(kind: str, files: list[Path], label: str) -> Rows:
     except Exception as e:  # noqa: BLE001 - a file datasets cannot parse is the user's file, named here
         raise DataError(f"{label}: cannot read it as {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
             from None
-    return Rows(ds.to_list(), [f"{label} row {i}" for i in range(1, len(ds) + 1)])
+    return from_dataset(ds, label)

@@ -97,17 +97,15 @@ def get_format(name: str) -> Format:
 def _load_rows(source: str, split: str):
     """Rows (data/rows.py: every error names the file and line) of a file, folder or hub id; a saved `datasets`
     folder (dataset_info.json + .arrow files) is read with load_from_disk."""
-    from qednano_jax.data.rows import Rows, check_mapping, load_rows
+    from qednano_jax.data.rows import Rows, check_mapping, from_dataset, load_rows
 
     path = Path(source)
     if path.is_file() and path.suffix == ".csv":
         import datasets
-        ds = datasets.load_dataset("csv", data_files=str(path), split="train")
-        rows = Rows(ds.to_list(), [f"{source} row {i}" for i in range(1, len(ds) + 1)])
+        rows = from_dataset(datasets.load_dataset("csv", data_files=str(path), split="train"), source)
     elif path.is_dir() and any(path.glob("*.arrow")) and (path / "dataset_info.json").is_file():
         import datasets
-        ds = datasets.load_from_disk(str(path))
-        rows = Rows(ds.to_list(), [f"{source} row {i}" for i in range(1, len(ds) + 1)])
+        rows = from_dataset(datasets.load_from_disk(str(path)), source)
     else:
         rows = load_rows(source, split=split, key="eval.source")
     return Rows([check_mapping(rows, i) for i in range(len(rows))], rows.labels)

@@ -461,10 +461,7 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     writer = jax.process_index() == 0
     if writer:
-        path.mkdir(parents=True, exist_ok=True)
-        for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
-            if old.name not in names and old.exists():
-                old.unlink()
+        _prepare_dir(path, names)
 
     shard, left = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
     for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
@@ -483,20 +480,30 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
                 shard.close()
                 shard = None
         del host, buf
-    if not writer:
-        return path
-    if n > 1:
-        index = {"metadata": {"total_size": sum(sizes)},
-                 "weight_map": {name: names[shard_of[name]] for name, _, _, _ in tensors}}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
-    (path / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, path)
+    if writer:
+        _write_metadata(cfg, path, tensors, names, shard_of, sum(sizes), tokenizer_dir)
     return path
 
 
-def _copy_tokenizer(tokenizer_dir: str | Path, path: Path | epath.Path) -> None:
+def _prepare_dir(path: Path | epath.Path, names: list[str]) -> None:
+    """Create `path` and remove weight files that are not part of the checkpoint about to be written there."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        if old.name not in names and old.exists():
+            old.unlink()
+
+
+def _write_metadata(cfg: ModelConfig, path: Path | epath.Path, tensors: list, names: list[str],
+                    file_of: dict[str, int], total_size: int, tokenizer_dir: str | Path | None) -> None:
+    """The index (when the weights span several files), config.json, generation_config.json, tokenizer files."""
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total_size},
+                 "weight_map": {name: names[file_of[name]] for name, _, _, _ in tensors}}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
+    if tokenizer_dir is None:
+        return
     copied = [f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
     if not copied:
         raise CheckpointError(f"{tokenizer_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
@@ -520,10 +527,7 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
     hosts = jax.sharding.Mesh(np.asarray(devices).reshape(n, -1), ("hosts", "local"))
     blocks = jax.jit(lambda x: x, out_shardings=NamedSharding(hosts, P("hosts")))
     if me == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
-            if old.name not in names and old.exists():
-                old.unlink()
+        _prepare_dir(path, names)
     multihost_utils.sync_global_devices("qednano_save_hf_start")  # the directory exists, stale files are gone
     mine = _ShardWriter(path / names[me], [(t, s) for t, _, _, s in tensors if file_of[t] == me], np_dtype)
     rest = (_ShardWriter(path / names[n], [(t, s) for t, _, _, s in tensors if file_of[t] == n], np_dtype)
@@ -544,16 +548,8 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
     mine.close()
     if rest is not None:
         rest.close()
-        sizes = [0] * (n + 1)
-        for name, _, _, shape in tensors:
-            sizes[file_of[name]] += math.prod(shape) * np_dtype.itemsize
-        index = {"metadata": {"total_size": sum(sizes)},
-                 "weight_map": {name: names[file_of[name]] for name, _, _, _ in tensors}}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
-        (path / "generation_config.json").write_text(json.dumps(generation_config_dict(cfg), indent=2) + "\n")
-        if tokenizer_dir is not None:
-            _copy_tokenizer(tokenizer_dir, path)
+        total = sum(math.prod(shape) for _, _, _, shape in tensors) * np_dtype.itemsize
+        _write_metadata(cfg, path, tensors, names, file_of, total, tokenizer_dir)
     multihost_utils.sync_global_devices("qednano_save_hf_done")  # every host's file is complete
     return path
 

@@ -181,6 +181,7 @@ class _DeepBacklogServer(http.server.ThreadingHTTPServer):
 
 def test_grader_faults_within_the_limit_are_counted_and_never_stop_the_run(tmp_path, tiny_hf_dir):
     """With grader.max_failure_frac at 1 (no limit), every fault scores 0 and is counted, retries included."""
+    _Always500.calls = 0  # the handler is shared with the stop test below
     srv = _DeepBacklogServer(("127.0.0.1", 0), _Always500)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -299,17 +300,7 @@ def test_a_grader_failing_most_calls_stops_the_run_naming_its_url(tmp_path, tiny
     # the random tiny policy never closes its thinking, so every proof would be empty and no call made: grade the
     # whole completion instead
     monkeypatch.setattr(OpenAIGrader, "proof_of", lambda self, text: text + " proof")
-    class Down(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b'{"error": "overloaded"}')
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    server = _DeepBacklogServer(("127.0.0.1", 0), _Always500)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     try:
