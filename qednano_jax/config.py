@@ -40,9 +40,10 @@ class ConfigError(UserError):
 
 def field(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
           ge: float | None = None, gt: float | None = None, le: float | None = None,
-          default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a description and optional bounds (checked by `from_dict` and `validate`)."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+          template: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a description and optional bounds (checked by `from_dict` and `validate`);
+    `template`: the field is a str.format template that must use exactly these names (literal braces doubled)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "template": template}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -128,7 +129,7 @@ class DataConfig:
     split: str = field("train", "dataset split")
     tokenizer: str = field("qwen3", "`qwen3` (bundled real tokenizer) or a local HF tokenizer dir")
     prompt_template: str = field("{problem}", "user turn; {problem} is replaced by the row's problem (docs/recipe.md §2: "
-                                 "the teacher saw the raw problem)")
+                                 "the teacher saw the raw problem)", template=("problem",))
     seq_len: int = field(1024, "tokens per packed row (docs/recipe.md §2 recipe: 45,056)", ge=8)
     overlong: str = field("truncate", "an example longer than seq_len: `drop` it or `truncate` it (counted either "
                           "way)", choices=("drop", "truncate"))
@@ -244,8 +245,10 @@ class RolloutConfig:
 class GraderConfig:
     """The rubric grader (docs/recipe.md §3 "Reward"); defaults are the paper's GPT-OSS-20B grader. The API key is read from
     the environment variable named by `api_key_env` and is never logged or saved."""
-    backend: str = field("openai", "where grades come from: an OpenAI-compatible endpoint, or a judge checkpoint "
-                         "run in-process on the native engine", choices=("openai", "native"))
+    backend: str = field("openai", "where grades come from: an OpenAI-compatible endpoint, a judge checkpoint run "
+                         "in-process on the native engine, or `answer`: no model, a rule-based final-answer check "
+                         "(math-verify) against each row's `answer` field (final-answer problems, score 7 or 0)",
+                         choices=("openai", "native", "answer"))
     base_url: str = field("http://127.0.0.1:8000/v1", "OpenAI-compatible endpoint base URL (ending in /v1)")
     model: str = field("openai/gpt-oss-20b", "model name sent to the endpoint")
     api: str = field("responses", "OpenAI API flavour: Responses (/responses) or chat completions (/chat/completions)",
@@ -496,7 +499,8 @@ class DistillConfig:
     n: int = field(1, "teacher samples per problem (paper: 1 or 3)", ge=1)
     enable_thinking: bool = field(True, "sent as chat_template_kwargs.enable_thinking (paper: true)")
     system_prompt: str = field("", "system message ('' = none, the paper's default)")
-    prompt_template: str = field("{problem}", "user message; {problem} is the problem text (paper: the raw problem)")
+    prompt_template: str = field("{problem}", "user message; {problem} is the problem text (paper: the raw problem)",
+                                 template=("problem",))
     extra_body: dict[str, Any] = field(default_factory=dict, help="extra fields merged into every request body "
                                        "(e.g. top_p, separate_reasoning, logit_bias)")
     grade: bool = field(False, "grade each proof with the `grader` section into `grade_field`")
@@ -521,7 +525,7 @@ class RubricsConfig:
     difficulty: bool = field(True, "estimate difficulty: k graded policy rollouts per problem")
     k: int = field(128, "rollouts per problem (paper: 128 of Qwen3-4B-Thinking-2507)", ge=1)
     prompt_template: str = field("Generate a rigorous proof to the following question:\n\n{problem}",
-                                 "policy user message (the RL prompt, docs/recipe.md §3)")
+                                 "policy user message (the RL prompt, docs/recipe.md §3)", template=("problem",))
     max_tokens: int = field(49152, "policy completion budget (the RL budget; the paper's estimate budget is not "
                             "stated)", ge=1)
     temperature: float = field(0.8, "policy sampling temperature", ge=0)
@@ -579,11 +583,29 @@ def validate(obj: Any, where: str = "") -> None:
         m = f.metadata
         if m.get("choices") is not None and v not in m["choices"]:
             raise ConfigError(f"{name}: {v!r} is not one of {list(m['choices'])}")
+        if m.get("template") is not None:
+            check_template(name, v, m["template"])
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
                                   ("le", lambda a, b: a <= b, "<=")):
                 if m.get(key) is not None and not ok(v, m[key]):
                     raise ConfigError(f"{name}: expected a value {word} {m[key]}, got {v!r}")
+
+
+def check_template(name: str, template: str, fields: tuple[str, ...]) -> None:
+    """A str.format template must use each of `fields` and nothing else; literal braces are written `{{` `}}`."""
+    import string
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"{name}: {template!r} is not a valid template ({e}; write a literal brace as {{{{ or "
+                          "}}}})") from None
+    for f in sorted(used - set(fields)):
+        raise ConfigError(f"{name}: {template!r} uses {{{f}}}, but only {', '.join('{' + x + '}' for x in fields)} "
+                          "can be filled (write a literal brace as {{ or }})")
+    for f in fields:
+        if f not in used:
+            raise ConfigError(f"{name}: {template!r} has no {{{f}}} field")
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
@@ -727,7 +749,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:  # not YAML (e.g. a template `{problem} in \\boxed{{}}`): the text itself
+            value = text
         if isinstance(value, str) and value.endswith((".yaml", ".yml")) and "." not in key:
             value = load_yaml(value)
         node = data

@@ -217,8 +217,6 @@ def run_distill(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
     from qednano_jax.reward.grader import OpenAIGrader, make_grader
 
     d = cfg.distill
-    if "{problem}" not in d.prompt_template:
-        raise DataError(f"distill.prompt_template: {d.prompt_template!r} has no {{problem}} field")
     extra = (d.rubric_column,) if d.grade and d.rubric_column else ()
     problems = load_problems(cfg.problems, extra)
     out_dir = Path(d.out_dir)

@@ -35,6 +35,7 @@ class RLPrompt:
     rubric: object  # a string, or a list of {title, points, desc} checkpoints (reward.grader.format_marking_scheme)
     ids: tuple[int, ...]
     reward_mean: float | None = None
+    answer: str = ""  # the reference final answer (grader.backend answer; rows with an `answer` field)
 
 
 @dataclasses.dataclass
@@ -48,14 +49,20 @@ class RLDataStats:
     prompt_tokens_max: int = 0
 
 
-def check_row(rows: Rows, i: int, need_reward_mean: bool) -> dict:
-    """Row i as a FineProofs-RL dict, or DataError naming its file and line (or row) and the field."""
+def check_row(rows: Rows, i: int, need_reward_mean: bool, reference: str = "rubrics") -> dict:
+    """Row i as a FineProofs-RL dict, or DataError naming its file and line (or row) and the field. `reference` is
+    the field graded against: `rubrics` (a marking scheme) or `answer` (a final answer, grader.backend answer)."""
     row = check_mapping(rows, i)
     index = rows.where(i)
     p = row.get("problem")
     if not isinstance(p, str) or not p.strip():
         raise DataError(f"{index}: field 'problem' is {_what(p)}, expected a non-empty string")
-    r = row.get("rubrics")
+    r = row.get(reference)
+    if reference == "answer":
+        if not isinstance(r, (str, numbers.Real)) or isinstance(r, bool) or not str(r).strip():
+            raise DataError(f"{index}: field 'answer' is {_what(r)}, expected the final answer (grader.backend answer "
+                            "checks proofs against it)")
+        return row
     ok = (isinstance(r, str) and r.strip()) or (isinstance(r, (list, tuple)) and r
                                                  and all(isinstance(c, dict) for c in r))
     if not ok:
@@ -77,11 +84,12 @@ def _what(v) -> str:
 
 
 def build_prompts(rows, tokenizer, *, template: str = RL_PROMPT, max_prompt_tokens: int | None = None,
-                  min_reward_mean: float = 0.0, max_reward_mean: float = 1.0, on_malformed: str = "error"
-                  ) -> tuple[list[RLPrompt], RLDataStats]:
+                  min_reward_mean: float = 0.0, max_reward_mean: float = 1.0, on_malformed: str = "error",
+                  reference: str = "rubrics") -> tuple[list[RLPrompt], RLDataStats]:
     """Rows -> RLPrompts. A row outside [min_reward_mean, max_reward_mean] is filtered, one whose prompt exceeds
     `max_prompt_tokens` (no room left for a completion in a packed row) is dropped; both are counted. A malformed
-    row raises DataError naming it (`on_malformed="error"`) or is skipped and counted."""
+    row raises DataError naming it (`on_malformed="error"`) or is skipped and counted. `reference`: see
+    `check_row`."""
     if "{problem}" not in template:
         raise DataError(f"data.prompt_template: {template!r} has no {{problem}} field")
     if min_reward_mean > max_reward_mean:
@@ -93,7 +101,7 @@ def build_prompts(rows, tokenizer, *, template: str = RL_PROMPT, max_prompt_toke
     out = []
     for i in range(len(rows)):
         try:
-            row = check_row(rows, i, filtering)
+            row = check_row(rows, i, filtering, reference)
         except DataError:
             if on_malformed == "skip":
                 stats.skipped_malformed += 1
@@ -109,16 +117,17 @@ def build_prompts(rows, tokenizer, *, template: str = RL_PROMPT, max_prompt_toke
             stats.dropped_overlong += 1
             continue
         stats.prompt_tokens_max = max(stats.prompt_tokens_max, len(ids))
-        out.append(RLPrompt(index=i, problem=row["problem"], rubric=row["rubrics"], ids=tuple(ids), reward_mean=mean))
+        out.append(RLPrompt(index=i, problem=row["problem"], rubric=row.get("rubrics"), ids=tuple(ids),
+                            reward_mean=mean, answer=str(row.get("answer", ""))))
         stats.used += 1
     return out, stats
 
 
-def load_prompts(data_cfg, rl_cfg, tokenizer, log: Callable[[str], None] = print
+def load_prompts(data_cfg, rl_cfg, tokenizer, log: Callable[[str], None] = print, reference: str = "rubrics"
                  ) -> tuple[list[RLPrompt], RLDataStats]:
     """The RL prompts of a run: `data.path` (`sample` = the bundled rows, a local .jsonl/.json/.parquet file or
     folder, or a hub id such as lm-provers/FineProofs-RL), filtered per `rl`, prompts at most
-    data.seq_len - rl.max_tokens tokens long."""
+    data.seq_len - rl.max_tokens tokens long; `reference` is the grader's (`Grader.reference`)."""
     path = SAMPLE_RL_DATA if data_cfg.path == "sample" else data_cfg.path
     rows = load_rows(path, name=data_cfg.name, split=data_cfg.split, key="data.path")
     if data_cfg.max_examples:
@@ -129,7 +138,7 @@ def load_prompts(data_cfg, rl_cfg, tokenizer, log: Callable[[str], None] = print
                         f"{rl_cfg.max_tokens} (a packed row holds prompt + completion; paper: 49,920 vs 49,152)")
     prompts, stats = build_prompts(rows, tokenizer, template=data_cfg.prompt_template, max_prompt_tokens=room,
                                    min_reward_mean=rl_cfg.min_reward_mean, max_reward_mean=rl_cfg.max_reward_mean,
-                                   on_malformed=data_cfg.on_malformed)
+                                   on_malformed=data_cfg.on_malformed, reference=reference)
     counts = (f"{stats.rows} rows of {path} -> {stats.used} prompts (longest {stats.prompt_tokens_max} tokens); "
               f"reward_mean outside [{rl_cfg.min_reward_mean}, {rl_cfg.max_reward_mean}]: {stats.filtered_reward_mean}; "
               f"prompt over {room} tokens (data.seq_len - rl.max_tokens): {stats.dropped_overlong}; malformed "

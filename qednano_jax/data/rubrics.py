@@ -32,7 +32,6 @@ import numpy as np
 
 from qednano_jax.config import ConfigError, DataGenConfig, to_dict
 from qednano_jax.data.distill import Journal, cli, load_problems, write_export
-from qednano_jax.data.rows import DataError
 
 JOURNAL = "rubrics.jsonl"
 EXPORT = "fineproofs_rl"
@@ -189,8 +188,6 @@ def run_rubrics(cfg: DataGenConfig, log: Callable[[str], None] = print) -> dict:
     from qednano_jax.reward.grader import OpenAIGrader, make_grader
 
     r = cfg.rubrics
-    if "{problem}" not in r.prompt_template:
-        raise DataError(f"rubrics.prompt_template: {r.prompt_template!r} has no {{problem}} field")
     template = load_scheme_prompt(r.prompt_file)
     extra = (cfg.problems.solution_column,) if cfg.problems.solution_column else ()
     problems = load_problems(cfg.problems, extra)

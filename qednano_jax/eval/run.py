@@ -146,6 +146,10 @@ def make_judge(grader: Any, fmt: Format) -> Callable[[list[tuple[Problem, str]]]
     eval parser (docs/recipe.md §5). An unreachable grader, and a reply without a valid grade, both score 0 and are recorded.
     """
     parse = prompts.parse_points if fmt.kind == "proof" else prompts.parse_verdict
+    if grader.reference == "answer":  # grader.backend answer: a rule-based check, no judge model
+        return lambda items: [Grade(score=int(ok), reply=f"final answer {'matches' if ok else 'differs from'} "
+                                                         f"{p.answer!r} (math-verify)")
+                              for p, proof in items for ok in [grader.matches(proof, p.answer)]]
 
     def judge(items: list[tuple[Problem, str]]) -> list[Grade]:
         asks = [benchmarks.grading_prompt(fmt, p, _FAKE_TAGS.sub("&lt;", proof)) for p, proof in items]
@@ -368,6 +372,9 @@ def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
     if ecfg.grading_prompt_file:
         fmt = dataclasses.replace(fmt, grading_prompt=prompts.load_prompt(
             ecfg.grading_prompt_file, "", fmt.grading_fields, "eval.grading_prompt_file"))
+    if cfg.grader.backend == "answer" and fmt.kind != "answer":
+        raise ConfigError(f"grader.backend: `answer` checks final answers, but eval.benchmark {ecfg.benchmark} is "
+                          "graded as proofs: use grader.backend openai or native")
     problems = benchmarks.load_benchmark(fmt, ecfg.source, ecfg.split, ecfg.limit, ecfg.columns)
     out_dir = Path(ecfg.out_dir)
     check_meta(out_dir, cfg)  # before anything is written

@@ -13,6 +13,8 @@ Backends behind one interface (`Grader.grade` / `Grader.grade_many`):
   3 retries with backoff 15/30/60 s; configs/grader/gpt-oss-20b.yaml).
 - `NativeGrader`: a judge checkpoint run in-process on the native rollout engine, with no server (see its
   docstring); the embedded grader of the tiny CPU RL config.
+- `AnswerGrader`: no model at all: a rule-based final-answer check (HF's math-verify) against the row's `answer`,
+  score 7 or 0. For final-answer problems (the tiny arithmetic demo, IMO-AnswerBench-style evals), not proofs.
 """
 
 from __future__ import annotations
@@ -166,7 +168,9 @@ Answer = tuple  # (reply: str | None, error: str, attempts: int, latency: float)
 
 class Grader:
     """Grades proofs against marking schemes. A backend implements `_reply(prompt) -> (reply, error, attempts)`,
-    reply None when the grader could not be reached, and may override `ask_many` to batch; the rest is shared."""
+    reply None when the grader could not be reached, and may override `ask_many` to batch; the rest is shared.
+    `reference` names the row field a proof is graded against (FineProofs-RL's marking scheme)."""
+    reference = "rubrics"
 
     def __init__(self, cfg: GraderConfig):
         self.cfg = cfg
@@ -356,6 +360,50 @@ class NativeGrader(Grader):
         return self.ask_many([prompt])[0][:3]
 
 
+# ----------------------------------------------------------------------------------------------- final answers
+
+class AnswerGrader(Grader):
+    """Final-answer problems checked by rule (math-verify: the first `\\boxed{}` of the proof, else its last
+    expression, compared with the reference answer symbolically): score 7 when they agree, else 0; reward 1 or 0.
+
+    `grade_many` takes (problem, reference answer, proof) triples: RL rows need an `answer` field instead of a marking
+    scheme (data/rl.py). Nothing here can fail for transport reasons, so `failed` is never set; an answer that
+    math-verify cannot parse is a wrong answer (score 0, `no_score` false), not a fault.
+    """
+    reference = "answer"
+
+    def __init__(self, cfg: GraderConfig):
+        import logging
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" on every call: we run in threads
+        self.cfg, self.template, self.stats, self._lock = cfg, "", GraderStats(), threading.Lock()
+
+    @staticmethod
+    def matches(proof: str, answer: str) -> bool:
+        """Whether the final answer of `proof` equals `answer` (signal-based timeouts off: graders run in threads)."""
+        import math_verify
+        gold = math_verify.parse(answer, parsing_timeout=None) or math_verify.parse(f"${answer}$", parsing_timeout=None)
+        got = math_verify.parse(proof, extraction_mode="first_match", parsing_timeout=None)
+        return bool(gold and got and math_verify.verify(gold, got, timeout_seconds=None))
+
+    def grade_many(self, items: Iterable[Sequence]) -> list[GradeResult]:
+        results = []
+        for _, answer, proof in items:
+            if not proof.strip():
+                results.append(GradeResult(score=0, reward=0.0, skipped=True))
+                continue
+            ok = self.matches(proof, str(answer))
+            results.append(GradeResult(score=MAX_SCORE if ok else 0, reward=1.0 if ok else 0.0, attempts=1,
+                                       reply=f"final answer {'matches' if ok else 'differs from'} {answer!r}"))
+        with self._lock:
+            for r in results:
+                self.stats.add(r)
+        return results
+
+    def _reply(self, prompt: str) -> tuple[str | None, str, int]:
+        raise ConfigError("grader.backend answer checks final answers by rule; it has no model to send a prompt to "
+                          "(use openai or native for proofs)")
+
+
 def make_grader(cfg: GraderConfig, **kwargs) -> Grader:
     """The grader backend named by `cfg.backend` (kwargs go to it, e.g. `engine=`/`tokenizer=` for native)."""
-    return {"openai": OpenAIGrader, "native": NativeGrader}[cfg.backend](cfg, **kwargs)
+    return {"openai": OpenAIGrader, "native": NativeGrader, "answer": AnswerGrader}[cfg.backend](cfg, **kwargs)

@@ -155,7 +155,8 @@ def load_inputs(cfg: Config, log: Callable[[str], None]) -> tuple | None:
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens but the model's vocabulary has "
                           f"{model_cfg.vocab_size} rows")
-    prompts, data_stats = rl_data.load_prompts(cfg.data, cfg.rl, tokenizer, log=log)
+    reference = "answer" if cfg.grader.backend == "answer" else "rubrics"
+    prompts, data_stats = rl_data.load_prompts(cfg.data, cfg.rl, tokenizer, log=log, reference=reference)
     return tokenizer, prompts, data_stats
 
 

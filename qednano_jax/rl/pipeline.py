@@ -26,9 +26,11 @@ def completion_text(tokenizer, c: Completion) -> str:
 
 def grader_reward_fn(grader: Grader) -> RewardFn:
     """The paper's reward (docs/recipe.md §3): proof = text after the last `</think>`, graded against the prompt's marking
-    scheme; reward = score / 7, and 0 for an empty proof or any grader fault (counted in `grader.stats`)."""
+    scheme (or, for `AnswerGrader`, checked against its reference answer); reward = score / 7, and 0 for an empty
+    proof or any grader fault (counted in `grader.stats`)."""
     def reward(items):
-        return grader.grade_many([(p.problem, p.rubric, grader.proof_of(text)) for p, _, text in items])
+        return grader.grade_many([(p.problem, p.answer if grader.reference == "answer" else p.rubric,
+                                   grader.proof_of(text)) for p, _, text in items])
     return reward
 
 

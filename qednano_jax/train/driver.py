@@ -256,8 +256,8 @@ def atomic_export(path, write: Callable[[Any], None]) -> None:
         multihost_barrier("qednano_export_clean")
         write(tmp)
         return
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed export
     multihost_barrier("qednano_export_clean")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     try:

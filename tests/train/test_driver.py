@@ -108,6 +108,46 @@ def test_atomic_export_keeps_the_previous_complete_export(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary or old copies left
 
 
+_EXPORT_LOOP = """
+import sys, jax, numpy as np
+from qednano_jax.config import ModelConfig
+from qednano_jax.model import hf, qwen3
+from qednano_jax.train import driver
+cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=16)
+for i in range(1000):  # each export holds params filled with its own number, with 3 shards and an index
+    params = jax.tree.map(lambda x: np.full(x.shape, float(i), np.float32), qwen3.init_params(cfg, jax.random.PRNGKey(0)))
+    driver.atomic_export(sys.argv[1], lambda tmp: hf.save_hf(cfg, params, str(tmp), max_shard_bytes=60_000))
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
+def test_sigkill_during_exports_leaves_a_complete_one_or_none(tmp_path, delay):
+    """A process exporting a sharded HF checkpoint again and again, SIGKILLed at some point: the target is then
+    absent (only before the first export completes) or one complete export that loads with every tensor of one
+    version; the next export cleans up what the killed one left."""
+    from qednano_jax.model.hf import load_hf
+    target = tmp_path / "hf"
+    proc = subprocess.Popen([sys.executable, "-c", _EXPORT_LOOP, str(target)], stdout=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # one export done: jax imported and the loop warm
+    assert first.strip() == "0"
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    if not target.exists():  # killed between the two renames of the swap: the previous export is the .old copy
+        (target,) = tmp_path.glob(".hf.old-*")
+    _, params = load_hf(target)
+    values = {float(np.asarray(x).ravel()[0]) for x in jax.tree.leaves(params)}
+    assert len(values) == 1, values  # every tensor from the same export
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors.index.json"]
+        + [p.name for p in target.glob("model-*.safetensors")]) and len(list(target.glob("model-*"))) >= 2
+    target = tmp_path / "hf"
+    driver.atomic_export(target, lambda tmp: tmp.mkdir())  # the next export sweeps the killed one's leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_non_finite_step_leaves_the_state_as_it_was():
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=8)
