@@ -208,7 +208,44 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
     """YAML file (or the embedded defaults when None) + `key=value` overrides -> validated Config."""
-    return load_as(Config, path, overrides)
+    cfg = load_as(Config, path, overrides)
+    check_stage_keys(cfg)
+    return cfg
+
+
+# Keys (or whole sections) a stage never reads. A value other than the default there would be silently ignored, so
+# it is refused, naming the key; a default value is harmless (a saved run_dir/config.yaml lists every key).
+SFT_ONLY = ("train.batch_size", "train.micro_batches", "train.peak_flops", "data.overlong", "checkpoint.export_hf_each")
+NOT_READ = {"sft": ("rollout", "grader", "rl", "rc"), "rl": SFT_ONLY + ("rc",), "rc": SFT_ONLY}
+
+
+def check_stage_keys(cfg: "Config") -> None:
+    """ConfigError naming the first key of `NOT_READ[cfg.stage]` set to a non-default value."""
+    base = Config()
+    for key in NOT_READ.get(cfg.stage, ()):
+        section, _, name = key.partition(".")
+        mine, ref = to_dict(getattr(cfg, section)), to_dict(getattr(base, section))
+        if name:
+            mine, ref = {name: mine[name]}, {name: ref[name]}
+        for leaf in _differing(mine, ref, section):
+            raise ConfigError(f"{leaf}: stage {cfg.stage} does not read this key (set to {_leaf(cfg, leaf)!r}); "
+                              f"remove it from the config (its stages: {_stages_of(key)})")
+
+
+def _differing(a: Any, b: Any, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in a for k in _differing(a[key], b.get(key), f"{where}.{key}")]
+    return [] if a == b else [where]
+
+
+def _leaf(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
+    return to_dict(cfg)
+
+
+def _stages_of(key: str) -> str:
+    return ", ".join(s for s in ("sft", "rl", "rc") if key not in NOT_READ[s])
 
 
 # ----------------------------------------------------------------------------------------------- sections: rollout

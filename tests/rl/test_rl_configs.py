@@ -25,3 +25,22 @@ def test_rl_yaml_is_the_paper_recipe():
     assert (g.backend, g.model, g.api, g.reasoning_effort, g.temperature, g.max_tokens, g.timeout, g.retries) == (
         "openai", "openai/gpt-oss-20b", "responses", "medium", 1.0, 81920, 900.0, 3)
     assert c.rollout.backend == "sglang"
+
+
+def test_keys_a_stage_does_not_read_are_refused_by_name(tmp_path):
+    import pytest
+    import yaml
+
+    from qednano_jax.config import ConfigError, to_dict
+    for path, override, key, stages in [
+            ("rl-tiny.yaml", "train.batch_size=8", "train.batch_size", "sft"),
+            ("rc-tiny.yaml", "checkpoint.export_hf_each=true", "checkpoint.export_hf_each", "sft"),
+            ("rl-tiny.yaml", "rc.cycles=5", "rc.cycles", "rc"),
+            ("sft-tiny.yaml", "grader.model=judge", "grader.model", "rl, rc")]:
+        with pytest.raises(ConfigError, match=rf"^{key}: stage \w+ does not read this key .*its stages: {stages}\)$"):
+            load_config(ROOT / "configs" / path, [override])
+    # a run's saved config.yaml lists every key (the foreign ones at their defaults): it loads back unchanged
+    cfg = load_config(ROOT / "configs" / "rc-tiny.yaml")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert to_dict(load_config(saved)) == to_dict(cfg)
