@@ -159,7 +159,11 @@ class OptimConfig:
 class TrainConfig:
     """The loop: steps, batch, accumulation, initialisation, run directory."""
     steps: int = field(40, "optimizer steps", ge=1)
-    batch_size: int = field(1, "packed rows per optimizer step (global, all hosts)", ge=1)
+    batch_size: int = field(1, "packed rows per optimizer step (global, all hosts); with batch_examples, the fixed "
+                            "row count those examples are packed into (one compiled step)", ge=1)
+    batch_examples: int = field(0, "examples per optimizer step (global), packed first-fit into batch_size rows (an "
+                                "error names the step when they need more); 0 = as many examples as fill batch_size "
+                                "rows (the paper's SFT batch: 32 examples, docs/recipe.md §2)", ge=0)
     micro_batches: int = field(1, "gradient accumulation: the batch is split into this many micro-batches "
                                "(lax.scan); must divide batch_size", ge=1)
     init: str = field("random", "`random` (seeded init) or a local HF checkpoint dir to fine-tune")
@@ -215,7 +219,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # Keys (or whole sections) a stage never reads. A value other than the default there would be silently ignored, so
 # it is refused, naming the key; a default value is harmless (a saved run_dir/config.yaml lists every key).
-SFT_ONLY = ("train.batch_size", "train.micro_batches", "train.peak_flops", "data.overlong", "checkpoint.export_hf_each")
+SFT_ONLY = ("train.batch_size", "train.batch_examples", "train.micro_batches", "train.peak_flops", "data.overlong", "checkpoint.export_hf_each")
 NOT_READ = {"sft": ("rollout", "grader", "rl", "rc"), "rl": SFT_ONLY + ("rc",), "rc": SFT_ONLY}
 
 

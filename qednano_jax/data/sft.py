@@ -132,6 +132,41 @@ def packed_batches(examples: list[dict], *, seq_len: int, batch_rows: int, seed:
     return ds.batch(batch_rows, drop_remainder=True).map(_rename)
 
 
+def example_batches(examples: list[dict], *, seq_len: int, batch_rows: int, batch_examples: int, seed: int,
+                    num_epochs: int | None = None) -> grain.IterDataset:
+    """Shuffle (per-epoch reshuffle) -> repeat -> `batch_examples` examples per step, each step's examples packed
+    first-fit (in order) into exactly `batch_rows` rows of `seq_len`: a fixed shape whatever their lengths. A step
+    whose examples need more rows raises DataError naming it. Same keys as `packed_batches`."""
+    if not examples:
+        raise DataError("no usable examples (every row was malformed or over-long)")
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(num_epochs)
+    ds = ds.batch(batch_examples, drop_remainder=True, batch_fn=list)
+    return ds.map(lambda exs: pack_rows(exs, seq_len, batch_rows)).to_iter_dataset()
+
+
+def pack_rows(examples: list[dict], seq_len: int, rows: int) -> dict:
+    """First-fit packing of `examples` into `rows` rows of `seq_len` (segment ids from 1 per row, positions from 0
+    per segment, zeros as padding)."""
+    out = {k: np.zeros((rows, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions",
+                                                            "example_id")}
+    out["loss_mask"] = np.zeros((rows, seq_len), np.float32)
+    used, segs = [0] * rows, [0] * rows
+    for ex in examples:
+        n = len(ex["tokens"])
+        r = next((i for i in range(rows) if used[i] + n <= seq_len), None)
+        if r is None:
+            raise DataError(f"train.batch_examples: {len(examples)} examples (example ids "
+                            f"{sorted(int(e['example_id'][0]) - 1 for e in examples)}) do not fit "
+                            f"train.batch_size = {rows} rows of data.seq_len {seq_len}: raise train.batch_size")
+        a, segs[r] = used[r], segs[r] + 1
+        for k in ("tokens", "targets", "loss_mask", "example_id"):
+            out[k][r, a:a + n] = ex[k]
+        out["segment_ids"][r, a:a + n] = segs[r]
+        out["positions"][r, a:a + n] = np.arange(n)
+        used[r] += n
+    return out
+
+
 def _rename(b: dict) -> dict:
     return {"tokens": b["tokens"], "targets": b["targets"], "loss_mask": b["loss_mask"],
             "segment_ids": b["tokens_segment_ids"], "positions": b["tokens_positions"],
@@ -139,8 +174,9 @@ def _rename(b: dict) -> dict:
 
 
 def sft_batches(cfg_data, *, batch_rows: int, tokenizer=None, process_index: int = 0,
-                process_count: int = 1, log=print) -> tuple[grain.IterDataset, DataStats]:
-    """This host's packed-batch dataset for a DataConfig: rows i with i % process_count == process_index."""
+                process_count: int = 1, batch_examples: int = 0, log=print) -> tuple[grain.IterDataset, DataStats]:
+    """This host's packed-batch dataset for a DataConfig: rows i with i % process_count == process_index;
+    `batch_examples` > 0: that many of this host's examples per step (`example_batches`)."""
     from qednano_jax.data.tokenizer import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(cfg_data.tokenizer)
@@ -158,6 +194,9 @@ def sft_batches(cfg_data, *, batch_rows: int, tokenizer=None, process_index: int
         raise DataError(f"data.path: {cfg_data.path} gave no usable example ({stats.rows} rows: "
                         f"{stats.skipped_malformed} malformed skipped, {stats.dropped_overlong} over-long dropped at "
                         f"data.seq_len {cfg_data.seq_len})")
+    if batch_examples:
+        return example_batches(examples, seq_len=cfg_data.seq_len, batch_rows=batch_rows,
+                               batch_examples=batch_examples, seed=cfg_data.shuffle_seed), stats
     return packed_batches(examples, seq_len=cfg_data.seq_len, batch_rows=batch_rows,
                           seed=cfg_data.shuffle_seed), stats
 

@@ -96,12 +96,15 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         raise ConfigError(f"train.batch_size: {tc.batch_size} rows do not split over {n_hosts} hosts")
     if tc.batch_size % tc.micro_batches:
         raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
+    if tc.batch_examples % n_hosts:
+        raise ConfigError(f"train.batch_examples: {tc.batch_examples} examples do not split over {n_hosts} hosts")
     run_dir = paths.resolve(tc.run_dir)
     mesh, rules = mesh_and_rules(cfg)
     # every input is checked before the run dir is touched: the checkpoint to start from, the data
     model_cfg = model_config(cfg)
     ds, stats = sft_data.sft_batches(cfg.data, batch_rows=tc.batch_size // n_hosts,
-                                     process_index=jax.process_index(), process_count=n_hosts, log=log)
+                                     process_index=jax.process_index(), process_count=n_hosts,
+                                     batch_examples=tc.batch_examples // n_hosts, log=log)
     lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=is_main)
     try:
         return _run(cfg, log, run_dir, mesh, rules, model_cfg, ds, stats)

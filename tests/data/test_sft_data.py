@@ -140,3 +140,35 @@ def test_per_host_slices_and_file_formats(tmp_path, tok):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(sft.DataError, match="unsupported data file"):
         sft.load_rows(str(tmp_path / "x.txt"))
+
+
+def _example(i: int, n: int) -> dict:
+    return {"tokens": np.arange(n, dtype=np.int32) + 100 * i, "targets": np.arange(n, dtype=np.int32) + 1,
+            "loss_mask": np.ones(n, np.float32), "example_id": np.full(n, i + 1, np.int32)}
+
+
+def test_a_batch_of_examples_packs_into_a_fixed_row_count():
+    """train.batch_examples: 5 examples per step into 3 rows of 8 tokens, first fit in the shuffled order (the layout
+    rebuilt by hand from grain's permutation); each example once per epoch; a step that needs a 4th row is refused."""
+    import grain
+    lengths = [5, 3, 6, 2, 4, 7, 1, 3, 8, 2]
+    examples = [_example(i, n) for i, n in enumerate(lengths)]
+    batches = list(sft.example_batches(examples, seq_len=8, batch_rows=3, batch_examples=5, seed=0, num_epochs=1))
+    assert len(batches) == 2 and all(b["tokens"].shape == (3, 8) for b in batches)
+    assert sorted(sft.consumed_ids(batches)) == list(range(10))
+    order = list(grain.MapDataset.source(list(range(10))).shuffle(seed=0))
+    for step, b in enumerate(batches):
+        used, want_id, want_seg, want_pos = [0, 0, 0], *(np.zeros((3, 8), np.int32) for _ in range(3))
+        for i in order[5 * step:5 * step + 5]:
+            r = next(r for r in range(3) if used[r] + lengths[i] <= 8)
+            want_id[r, used[r]:used[r] + lengths[i]] = i + 1
+            want_seg[r, used[r]:used[r] + lengths[i]] = want_seg[r].max() + 1
+            want_pos[r, used[r]:used[r] + lengths[i]] = np.arange(lengths[i])
+            used[r] += lengths[i]
+        np.testing.assert_array_equal(b["example_id"], want_id)
+        np.testing.assert_array_equal(b["segment_ids"], want_seg)
+        np.testing.assert_array_equal(b["positions"], want_pos)
+        for i in order[5 * step:5 * step + 5]:
+            np.testing.assert_array_equal(b["tokens"][want_id == i + 1], examples[i]["tokens"])
+    with pytest.raises(sft.DataError, match=r"train.batch_examples: 5 examples .* do not fit train.batch_size = 1 "):
+        list(sft.example_batches(examples, seq_len=8, batch_rows=1, batch_examples=5, seed=0, num_epochs=1))
