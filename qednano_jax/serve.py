@@ -203,7 +203,7 @@ class Server:
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model") or self.model_path,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content.strip(),
-                                                     "reasoning_content": reasoning or None},
+                                                     "reasoning_content": reasoning if thinking else None},
                              "finish_reason": "stop" if c.finish_reason == "stop" else "length"}],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(c.token_ids),
                           "total_tokens": len(ids) + len(c.token_ids)}}

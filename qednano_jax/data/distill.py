@@ -134,13 +134,15 @@ def write_export(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path
 def split_reply(content: str | None, reasoning: str | None = None) -> tuple[str, str, bool]:
     """(reasoning_content, proof, closed) of a teacher reply.
 
-    A non-empty `reasoning` (the API's `reasoning_content` field: the server's reasoning parser split the reply) is
-    the reasoning and `content` the proof. Otherwise `content` holds both: the reasoning is the text before the first
-    `</think>` (a leading `<think>` dropped) and the proof everything after it, so `reasoning + </think> + proof`
-    rebuilds the reply. No `</think>` means the thinking never closed (truncated): no proof, closed = False.
+    A `reasoning` (the API's `reasoning_content` field: the server's reasoning parser split the reply) is the
+    reasoning and `content` the proof; an empty string there is an empty thinking when `content` has no `</think>`
+    of its own (None: the server sent no such field). Otherwise `content` holds both: the reasoning is the text
+    before the first `</think>` (a leading `<think>` dropped) and the proof everything after it, so
+    `reasoning + </think> + proof` rebuilds the reply. No `</think>` means the thinking never closed (truncated):
+    no proof, closed = False.
     """
     content = content or ""
-    if reasoning and reasoning.strip():
+    if reasoning is not None and (reasoning.strip() or THINK_CLOSE not in content):
         return reasoning.strip(), content.strip(), bool(content.strip())
     text = content.lstrip()
     if text.startswith(THINK_OPEN):
@@ -159,7 +161,7 @@ def parse_chat(data: dict) -> dict:
     if not isinstance(msg, dict):
         raise ValueError("choices[0].message is not an object")
     usage = data.get("usage") or {}
-    return {"content": msg.get("content") or "", "reasoning": msg.get("reasoning_content") or "",
+    return {"content": msg.get("content") or "", "reasoning": msg.get("reasoning_content"),
             "finish_reason": choice.get("finish_reason") or "",
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": int(usage.get("completion_tokens") or 0)}

@@ -28,12 +28,15 @@ def test_split_reply():
     assert D.split_reply("<think>\nidea\n</think>\n\nproof </think> more") == ("idea", "proof </think> more", True)
     assert D.split_reply("no closing tag") == ("no closing tag", "", False)
     assert D.split_reply(None) == ("", "", False)
+    # a reasoning parser's reply to an empty thinking: "" beside a proof without </think> (our serve, SGLang)
+    assert D.split_reply("$\\boxed{5}$", "") == ("", "$\\boxed{5}$", True)
+    assert D.split_reply("idea</think>proof", "") == ("idea", "proof", True)  # a field sent empty by a parserless one
 
 
 def test_parse_chat_and_request_body():
     reply = {"choices": [{"message": {"content": "a</think>b", "reasoning_content": None}, "finish_reason": "stop"}],
              "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
-    assert D.parse_chat(reply) == {"content": "a</think>b", "reasoning": "", "finish_reason": "stop",
+    assert D.parse_chat(reply) == {"content": "a</think>b", "reasoning": None, "finish_reason": "stop",
                                    "prompt_tokens": 5, "completion_tokens": 3}
     with pytest.raises(KeyError):
         D.parse_chat({"error": "overloaded"})
