@@ -61,8 +61,8 @@ def test_load_prompts_from_jsonl_and_the_bundled_sample(tmp_path, tok):
     prompts, stats = rl_data.load_prompts(cfg.data, cfg.rl, tok, log=lambda s: None)
     assert stats.rows >= 30 and stats.used == stats.rows
     with pytest.raises(DataError, match="data.seq_len 64 leaves no room"):
-        rl_data.load_prompts(load_config(None, ["data.seq_len=64", "rl.max_tokens=64"]).data,
-                             load_config(None, ["rl.max_tokens=64"]).rl, tok)
+        rl_data.load_prompts(load_config(None, ["stage=rl", "data.seq_len=64", "rl.max_tokens=64"]).data,
+                             load_config(None, ["stage=rl", "rl.max_tokens=64"]).rl, tok)
 
 
 def test_sampler_is_a_seeded_permutation_per_epoch_and_resumes():
