@@ -39,7 +39,7 @@ def test_the_tagged_blocks_are_the_demos():
     text = "\n".join(blocks)
     for cmd in ("qednano_jax.train configs/demo/sft.yaml", "qednano_jax.train configs/demo/rl.yaml",
                 "qednano_jax.eval configs/demo/eval.yaml", "qednano_jax.train configs/rl-tiny.yaml",
-                "qednano_jax.train configs/rc-tiny.yaml", "qednano_jax.data.distill configs/datagen/tiny.yaml"):
+                "qednano_jax.train configs/rc-tiny.yaml", "qednano_jax.data.distill configs/datagen/demo.yaml"):
         assert cmd in text, cmd
 
 
