@@ -635,9 +635,9 @@ def validate(obj: Any, where: str = "") -> None:
 
 def check_template(name: str, template: str, fields: tuple[str, ...]) -> None:
     """A str.format template must use each of `fields` and nothing else; literal braces are written `{{` `}}`."""
-    import string
+    from qednano_jax.prompts import fields_of  # the prompt files' parser (that package imports this module)
     try:
-        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        used = fields_of(template)
     except ValueError as e:
         raise ConfigError(f"{name}: {template!r} is not a valid template ({e}; write a literal brace as {{{{ or "
                           "}}}})") from None

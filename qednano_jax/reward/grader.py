@@ -404,6 +404,9 @@ class AnswerGrader(Grader):
                           "(use openai or native for proofs)")
 
 
+GRADERS = {"openai": OpenAIGrader, "native": NativeGrader, "answer": AnswerGrader}  # grader.backend -> class
+
+
 def make_grader(cfg: GraderConfig, **kwargs) -> Grader:
     """The grader backend named by `cfg.backend` (kwargs go to it, e.g. `engine=`/`tokenizer=` for native)."""
-    return {"openai": OpenAIGrader, "native": NativeGrader, "answer": AnswerGrader}[cfg.backend](cfg, **kwargs)
+    return GRADERS[cfg.backend](cfg, **kwargs)

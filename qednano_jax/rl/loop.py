@@ -41,7 +41,7 @@ from qednano_jax import paths
 from qednano_jax.config import Config, ConfigError, ModelConfig
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
-from qednano_jax.reward.grader import Grader, GraderStats, MAX_SCORE
+from qednano_jax.reward.grader import GRADERS, Grader, GraderStats, MAX_SCORE
 from qednano_jax.rl.batch import Batch, Group, filter_stale, weight_lag
 from qednano_jax.rl.pipeline import RewardFn, RolloutPipeline, _done, grader_reward_fn
 from qednano_jax.rl.trainer import RLTrainer
@@ -155,7 +155,7 @@ def load_inputs(cfg: Config, log: Callable[[str], None]) -> tuple | None:
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens but the model's vocabulary has "
                           f"{model_cfg.vocab_size} rows")
-    reference = "answer" if cfg.grader.backend == "answer" else "rubrics"
+    reference = GRADERS[cfg.grader.backend].reference  # the row field proofs are graded against
     prompts, data_stats = rl_data.load_prompts(cfg.data, cfg.rl, tokenizer, log=log, reference=reference)
     return tokenizer, prompts, data_stats
 
