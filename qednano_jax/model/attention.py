@@ -65,19 +65,21 @@ def resolve_impl(impl: str, sequence_parallel: bool = False) -> str:
 
 # ----------------------------------------------------------------------------------------------- plain attention
 
-def attend(q_bthe, k_bske, v_bske, mask_bts):
+def attend(q_bthe, k_bske, v_bske, mask_bts, kv_major: bool = False):
     """Plain softmax attention over all given keys (decoding against a KV cache, and the short-row blocks).
 
     The g query heads that share a KV head are laid out next to the query rows ([b, k, g, t, e]), so each KV head's
-    scores are one plain [g*t, s] matmul and the big [b, k, g, t, s] tensors need no transposed copies.
+    scores are one plain [g*t, s] matmul and the big [b, k, g, t, s] tensors need no transposed copies. With
+    `kv_major` the keys and values come as [b, k, s, e] (the KV cache's layout), which the matmuls read in place.
     """
     b, t, h, e = q_bthe.shape
-    kh = k_bske.shape[2]
+    kh = k_bske.shape[1 if kv_major else 2]
+    kv = "bkse" if kv_major else "bske"
     q = q_bthe.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgte,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.einsum(f"bkgte,{kv}->bkgts", q, k_bske, preferred_element_type=jnp.float32) * (e ** -0.5)
     scores = jnp.where(mask_bts[:, None, None], scores, NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out = jnp.einsum("bkgts,bske->bkgte", probs, v_bske)
+    out = jnp.einsum(f"bkgts,{kv}->bkgte", probs, v_bske)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 

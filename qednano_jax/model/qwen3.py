@@ -130,7 +130,8 @@ def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
 
 def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_write=None):
     """One decoder layer; `seg` as in model.attention. `kv_write(k, v) -> (keys, values)` stores new k/v in a cache
-    and returns what to attend (the whole cache, in one block, each query seeing the slots <= its `limit_bt`);
+    and returns what to attend, KV-head-major [b, kv_heads, slots, e] (the cache in one block, each query seeing
+    the slots <= its `limit_bt`);
     without it the layer runs the full forward's causal attention (`limit_bt` unused)."""
     dt = jnp.dtype(cfg.dtype)
     w = lambda name: lp[name].astype(dt)
@@ -145,7 +146,7 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_
     if kv_write is not None:
         k, v = kv_write(k, v)
     if kv_write is not None:  # decode / prefill against the whole cache: one block
-        a = attention.attend(q, k, v, attention.mask(k.shape[1], limit_bt, seg))
+        a = attention.attend(q, k, v, attention.mask(k.shape[2], limit_bt, seg), kv_major=True)
     else:
         a = _self_attention(cfg, q, k, v, seg)
     o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
@@ -284,39 +285,48 @@ def token_logprobs(cfg: ModelConfig, params: Params, hidden_btd: jax.Array, targ
 # ----------------------------------------------------------------------------------------------- KV cache
 
 def cache_axes() -> dict:
-    return {"k": ("layers", "act_batch", None, "act_kv_heads", None),
-            "v": ("layers", "act_batch", None, "act_kv_heads", None)}
+    return {"k": ("layers", "act_batch", "act_kv_heads", None, None),
+            "v": ("layers", "act_batch", "act_kv_heads", None, None)}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    """Empty KV cache {k, v}: [layers, batch, max_len, kv_heads, head_dim] in the compute dtype."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """Empty KV cache {k, v}: [layers, batch, kv_heads, max_len, head_dim] in the compute dtype. KV-head-major, so
+    each head's [slots, head_dim] block is contiguous and attention reads it without a transposed copy."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
-def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: dict):
+def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
+                   attend: int | None = None):
     """Prefill or decode step with a KV cache. Returns (final-norm hidden [b, t, d], new cache).
 
     Row r's tokens sit at cache slots `positions[r]` (contiguous: positions[r, 0] + arange(t)); a query at
-    position p attends to slots <= p. Prompts are right-padded: a padded tail writes junk slots beyond the prompt,
-    which the decode steps overwrite before any query can see them.
+    position p attends to slots <= p, among the first `attend` slots (default: all; every position must be below
+    it). Prompts are right-padded: a padded tail writes junk slots beyond the prompt, which the decode steps
+    overwrite before any query can see them.
+
+    The cache rides in the layer scan's carry: layer i scatters its new k/v into slots of the [layers, ...] buffers
+    in place and reads back only its own layer's first `attend` slots, so a decode step neither copies the whole
+    cache nor attends over its unfilled tail (the caller picks `attend` from the filled length).
     """
     b, t = tokens.shape
+    n = cache["k"].shape[3] if attend is None else int(attend)
+    rows = jnp.arange(b)[:, None]
 
-    def write(c, new):
-        return jax.vmap(lambda c_r, n_r, p: jax.lax.dynamic_update_slice(c_r, n_r, (p, 0, 0)))(
-            c, new.astype(c.dtype), positions[:, 0])
-
-    def body(x, layer):
-        lp, ck, cv = layer
-        stored = {}
+    def body(carry, layer):
+        x, ck, cv = carry
+        lp, i = layer
+        out = {}
 
         def kv_write(k, v):
-            stored["k"], stored["v"] = write(ck, k), write(cv, v)
-            return stored["k"], stored["v"]
+            out["k"] = ck.at[i, rows, :, positions].set(k.astype(ck.dtype))  # updates [b, t, kv_heads, e]
+            out["v"] = cv.at[i, rows, :, positions].set(v.astype(cv.dtype))
+            read = lambda c: jax.lax.dynamic_slice(c, (i, 0, 0, 0, 0), (1, b, c.shape[2], n, c.shape[4]))[0]
+            return read(out["k"]), read(out["v"])
 
         x = _layer(cfg, lp, x, positions, positions, None, kv_write)
-        return x, (stored["k"], stored["v"])
+        return (x, out["k"], out["v"]), None
 
-    x, (k, v) = jax.lax.scan(body, _embed(cfg, params, tokens), (params["layers"], cache["k"], cache["v"]))
+    carry = (_embed(cfg, params, tokens), cache["k"], cache["v"])
+    (x, k, v), _ = jax.lax.scan(body, carry, (params["layers"], jnp.arange(cfg.num_layers)))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), {"k": k, "v": v}

@@ -7,7 +7,8 @@ Shapes are bucketed so that a new request rarely compiles: the batch (at least 8
 largest max_new_tokens of a chunk (at least 16) are rounded up to powers of two (the batch capped by `max_batch`). Everything else is data:
 per-row temperature / top-p / top-k / max_new_tokens / stop ids / seed, so requests with different sampling
 parameters share one compiled program and one batch. The decode loop is a `lax.while_loop` that exits as soon as
-every row has finished.
+every row has finished, split into segments that attend to a growing prefix of the cache (`attend_buckets`); the
+cache rides in the loop and layer-scan carries and is updated in place (`qwen3.forward_cached`).
 
 Behaviour logprobs are log softmax(logits / temperature) of the sampled token (the untempered softmax when greedy),
 before top-p/top-k, as SGLang returns them (docs/recipe.md §3: logp_old is the sampler's logprob). A row's randomness is
@@ -71,6 +72,25 @@ def sampling_logprobs(logits_bv: jax.Array, temperature_b: jax.Array, top_p_b: j
     return jax.nn.log_softmax(filter_logits(logits_bv / t_b[:, None], top_p_b, top_k_b), axis=-1)
 
 
+def inverse_cdf_sample(logits_bv: jax.Array, keys_b: jax.Array, block: int = 128) -> jax.Array:
+    """One token per row from softmax(logits): the first token whose cumulative probability exceeds u * total, u
+    uniform in [0, 1) from the row's key. One random number a row instead of a [b, vocab] Gumbel draw, and the
+    cumulative sum in two levels (over blocks of `block` tokens, then inside the chosen block), so the whole-vocabulary
+    pass is one softmax and one block sum. Tokens of probability 0 (filtered to -inf) are never drawn."""
+    b, v = logits_bv.shape
+    nb = -(-v // block)
+    p = jnp.pad(jax.nn.softmax(logits_bv, axis=-1), ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    block_sum = p.sum(axis=-1)
+    block_cum = jnp.cumsum(block_sum, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys_b) * block_cum[:, -1]
+    blk = jnp.minimum(jnp.sum(block_cum <= u[:, None], axis=-1), nb - 1)
+    rest = u - (jnp.take_along_axis(block_cum, blk[:, None], axis=-1)[:, 0]
+                - jnp.take_along_axis(block_sum, blk[:, None], axis=-1)[:, 0])
+    inner = jnp.cumsum(jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0], axis=-1)
+    idx = jnp.minimum(jnp.sum(inner <= rest[:, None], axis=-1), block - 1)
+    return jnp.minimum(blk * block + idx, v - 1)
+
+
 def sample_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
     """One token per row and its behaviour logprob (see module doc). Returns int32 [b], fp32 [b]."""
     greedy_b = temperature_b == 0
@@ -79,12 +99,26 @@ def sample_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
     logp_bv = jax.nn.log_softmax(scaled, axis=-1)
     need_filter = jnp.any(((top_p_b < 1) | (top_k_b > 0)) & ~greedy_b)
     filtered = jax.lax.cond(need_filter, lambda x: filter_logits(x, top_p_b, top_k_b), lambda x: x, scaled)
-    sampled = jax.vmap(jax.random.categorical)(keys_b, filtered)
-    tok_b = jnp.where(greedy_b, jnp.argmax(logits_bv, axis=-1), sampled).astype(jnp.int32)
+    greedy_tok = jnp.argmax(logits_bv, axis=-1)
+    # an all-greedy batch draws no [b, vocab] Gumbel noise (151,936 random numbers a row for the Qwen3 vocabulary)
+    sampled = jax.lax.cond(jnp.all(greedy_b), lambda: greedy_tok,
+                           lambda: inverse_cdf_sample(filtered, keys_b).astype(greedy_tok.dtype))
+    tok_b = jnp.where(greedy_b, greedy_tok, sampled).astype(jnp.int32)
     return tok_b, jnp.take_along_axis(logp_bv, tok_b[:, None], axis=-1)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------- the jitted loop
+
+def attend_buckets(prompt: int, max_new: int) -> list[int]:
+    """The attention lengths of the decode segments: 2x, 4x, ... the (bucketed) prompt length, then the cache's
+    whole capacity. A step attends to the first bucket that holds its position, so a long generation pays for the
+    filled part of the cache (at most twice it), not its capacity; each bucket is one more loop in the program."""
+    cap, out, n = prompt + max_new, [], 2 * prompt
+    while n < cap:
+        out.append(n)
+        n *= 2
+    return out + [cap]
+
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new"))
 def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, index_b, temperature_b, top_p_b,
@@ -98,7 +132,7 @@ def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, ind
     axes = qwen3.cache_axes()
     cache = {k: constrain(v, axes[k]) for k, v in qwen3.init_cache(cfg, b, p + max_new).items()}
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    hidden, cache = qwen3.forward_cached(cfg, params, tokens_bp, positions, cache)
+    hidden, cache = qwen3.forward_cached(cfg, params, tokens_bp, positions, cache, attend=p)
     last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
     row_keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_b, index_b)
 
@@ -116,28 +150,35 @@ def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, ind
     count = jnp.ones((b,), jnp.int32)
     stopped = is_stop(tok)
     done = stopped | (count >= max_new_b)
+    top = jnp.max(lengths_b)  # the step's query sits at lengths + step - 1 <= top + step - 1
 
-    def cond(state):
-        step, _, _, done, *_ = state
-        return (step < max_new) & ~jnp.all(done)
+    def segment(state, attend: int):
+        """Decode while every query position is below `attend`, attending to the cache's first `attend` slots."""
+        def cond(state):
+            step, _, _, done, *_ = state
+            return (step < max_new) & ~jnp.all(done) & (top + step - 1 < attend)
 
-    def body(state):
-        step, cache, tok, done, out_tok, out_lp, count, stopped = state
-        pos = (lengths_b + step - 1)[:, None]
-        hidden, cache = qwen3.forward_cached(cfg, params, tok[:, None], pos, cache)
-        new, lp = step_sample(hidden, step)
-        live = ~done
-        new = jnp.where(live, new, 0)
-        out_tok = out_tok.at[:, step].set(new)
-        out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
-        count = count + live.astype(jnp.int32)
-        hit = live & is_stop(new)
-        stopped = stopped | hit
-        done = done | hit | (count >= max_new_b)
-        return step + 1, cache, new, done, out_tok, out_lp, count, stopped
+        def body(state):
+            step, cache, tok, done, out_tok, out_lp, count, stopped = state
+            pos = (lengths_b + step - 1)[:, None]
+            hidden, cache = qwen3.forward_cached(cfg, params, tok[:, None], pos, cache, attend=attend)
+            new, lp = step_sample(hidden, step)
+            live = ~done
+            new = jnp.where(live, new, 0)
+            out_tok = out_tok.at[:, step].set(new)
+            out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
+            count = count + live.astype(jnp.int32)
+            hit = live & is_stop(new)
+            stopped = stopped | hit
+            done = done | hit | (count >= max_new_b)
+            return step + 1, cache, new, done, out_tok, out_lp, count, stopped
+
+        return jax.lax.while_loop(cond, body, state)
 
     state = (jnp.int32(1), cache, tok, done, out_tok, out_lp, count, stopped)
-    _, _, _, _, out_tok, out_lp, count, stopped = jax.lax.while_loop(cond, body, state)
+    for attend in attend_buckets(p, max_new):
+        state = segment(state, attend)
+    _, _, _, _, out_tok, out_lp, count, stopped = state
     return out_tok, out_lp, count, stopped
 
 
