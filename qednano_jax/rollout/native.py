@@ -72,25 +72,6 @@ def sampling_logprobs(logits_bv: jax.Array, temperature_b: jax.Array, top_p_b: j
     return jax.nn.log_softmax(filter_logits(logits_bv / t_b[:, None], top_p_b, top_k_b), axis=-1)
 
 
-def inverse_cdf_sample(logits_bv: jax.Array, keys_b: jax.Array, block: int = 128) -> jax.Array:
-    """One token per row from softmax(logits): the first token whose cumulative probability exceeds u * total, u
-    uniform in [0, 1) from the row's key. One random number a row instead of a [b, vocab] Gumbel draw, and the
-    cumulative sum in two levels (over blocks of `block` tokens, then inside the chosen block), so the whole-vocabulary
-    pass is one softmax and one block sum. Tokens of probability 0 (filtered to -inf) are never drawn."""
-    b, v = logits_bv.shape
-    nb = -(-v // block)
-    p = jnp.pad(jax.nn.softmax(logits_bv, axis=-1), ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
-    block_sum = p.sum(axis=-1)
-    block_cum = jnp.cumsum(block_sum, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys_b) * block_cum[:, -1]
-    blk = jnp.minimum(jnp.sum(block_cum <= u[:, None], axis=-1), nb - 1)
-    rest = u - (jnp.take_along_axis(block_cum, blk[:, None], axis=-1)[:, 0]
-                - jnp.take_along_axis(block_sum, blk[:, None], axis=-1)[:, 0])
-    inner = jnp.cumsum(jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0], axis=-1)
-    idx = jnp.minimum(jnp.sum(inner <= rest[:, None], axis=-1), block - 1)
-    return jnp.minimum(blk * block + idx, v - 1)
-
-
 def sample_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
     """One token per row and its behaviour logprob (see module doc). Returns int32 [b], fp32 [b]."""
     greedy_b = temperature_b == 0
@@ -102,7 +83,7 @@ def sample_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
     greedy_tok = jnp.argmax(logits_bv, axis=-1)
     # an all-greedy batch draws no [b, vocab] Gumbel noise (151,936 random numbers a row for the Qwen3 vocabulary)
     sampled = jax.lax.cond(jnp.all(greedy_b), lambda: greedy_tok,
-                           lambda: inverse_cdf_sample(filtered, keys_b).astype(greedy_tok.dtype))
+                           lambda: jax.vmap(jax.random.categorical)(keys_b, filtered).astype(greedy_tok.dtype))
     tok_b = jnp.where(greedy_b, greedy_tok, sampled).astype(jnp.int32)
     return tok_b, jnp.take_along_axis(logp_bv, tok_b[:, None], axis=-1)[:, 0]
 
