@@ -360,9 +360,18 @@ class RLConfig:
                                   "call is graded while the next one generates", ge=0)
     micro_batch_rows: int = field(8, "packed rows of seq_len tokens per micro-batch (a multiple of the "
                                   "data-parallel size, else replicated); the step accumulates as many as it needs", ge=1)
+    loss_tokens_per_row: int = field(0, "completion tokens one packed row may hold: the LM head and the loss run on "
+                                     "these positions only, not on prompts and padding (0 = min(data.seq_len, "
+                                     "2 x max_tokens)); the packer starts a new row rather than exceed it",
+                                     ge=0)
     seed: int = field(0, "sampling seed: batch b is sampled with seeds drawn from (seed, b), so a resumed run "
                       "samples as an uninterrupted one", ge=0)
     loss: LossConfig = field(help="the RL objective", default_factory=lambda: LossConfig())
+
+    def __post_init__(self):
+        if self.loss_tokens_per_row and self.loss_tokens_per_row < self.max_tokens:
+            raise ConfigError(f"rl.loss_tokens_per_row: {self.loss_tokens_per_row} is below rl.max_tokens "
+                              f"{self.max_tokens}, so a full-length completion would fit no row; raise it or set 0")
 
 
 # ----------------------------------------------------------------------------------------------- sections: rc

@@ -321,9 +321,9 @@ def stage_step(cfg: Config):
     if cfg.stage == "sft":
         keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
         return step_lib.sft_loss, {k: np.int32 for k in keys}, cfg.train.micro_batches
-    from qednano_jax.rl.batch import BATCH_KEYS, FLOAT_KEYS
+    from qednano_jax.rl.batch import BATCH_KEYS, FLOAT_KEYS, loss_tokens_per_row
     from qednano_jax.rl.losses import rl_loss_fn
-    return (rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
+    return (rl_loss_fn(cfg.rl.loss, cfg.rl.temperature, loss_tokens_per_row(cfg)),
             {k: np.float32 if k in FLOAT_KEYS else np.int32 for k in BATCH_KEYS}, 2)
 
 

@@ -88,14 +88,15 @@ def group_advantages(groups: Sequence[Group], loss_cfg) -> list[np.ndarray]:
 
 
 def pack_groups(groups: Sequence[Group], advantages: Sequence[np.ndarray], *, seq_len: int,
-                rows_multiple: int = 1) -> dict[str, np.ndarray]:
+                rows_multiple: int = 1, loss_tokens_per_row: int | None = None) -> dict[str, np.ndarray]:
     """Completions -> packed next-token rows [R, seq_len] (R a multiple of `rows_multiple`, at least one).
 
     Sequence = prompt ids + completion ids (P + C tokens) -> P + C - 1 (input, target) pairs at per-sequence
     positions 0.. and its own segment id (1, 2, ... within a row; 0 = padding). Target j of a sequence predicts
     id j + 1, so completion token k is the target at j = P - 1 + k: there `loss_mask` is 1, `old_logprobs` is the
     sampler's logprob of that token and `advantages` the completion's advantage; prompt targets and padding are 0.
-    Sequences are placed first-fit in decreasing length. Returns numpy arrays: tokens, targets, positions,
+    Sequences are placed first-fit in decreasing length; a row holds at most `loss_tokens_per_row` completion tokens
+    (None: seq_len), so the loss can run on that many positions a row (rl.losses.rl_loss_fn). Returns numpy arrays: tokens, targets, positions,
     segment_ids (int32), loss_mask, old_logprobs, advantages (float32).
     """
     seqs = []
@@ -107,21 +108,28 @@ def pack_groups(groups: Sequence[Group], advantages: Sequence[np.ndarray], *, se
             if n > seq_len:
                 raise ValueError(f"group {gi} completion {ci}: prompt {len(g.prompt_ids)} + completion "
                                  f"{len(c.token_ids)} tokens do not fit a packed row of data.seq_len {seq_len}")
+            if loss_tokens_per_row is not None and len(c.token_ids) > loss_tokens_per_row:
+                raise ValueError(f"group {gi} completion {ci}: {len(c.token_ids)} completion tokens exceed "
+                                 f"rl.loss_tokens_per_row {loss_tokens_per_row}")
             seqs.append((n, g.prompt_ids, c, float(adv[ci])))
     order = sorted(range(len(seqs)), key=lambda i: -seqs[i][0])
     free: list[int] = []
     place: dict[int, tuple[int, int, int]] = {}  # seq -> (row, offset, segment id)
     nseg: list[int] = []
+    room: list[int] = []  # completion tokens a row may still take
+    cap = seq_len if loss_tokens_per_row is None else loss_tokens_per_row
     for i in order:
-        n = seqs[i][0]
-        row = next((r for r, f in enumerate(free) if f >= n), None)
+        n, c = seqs[i][0], len(seqs[i][2].token_ids)
+        row = next((r for r, (f, k) in enumerate(zip(free, room)) if f >= n and k >= c), None)
         if row is None:
             row = len(free)
             free.append(seq_len)
+            room.append(cap)
             nseg.append(0)
         nseg[row] += 1
         place[i] = (row, seq_len - free[row], nseg[row])
         free[row] -= n
+        room[row] -= c
     rows = max(len(free), 1)
     rows = -(-rows // rows_multiple) * rows_multiple
     out = {k: np.zeros((rows, seq_len), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
@@ -142,20 +150,27 @@ def pack_groups(groups: Sequence[Group], advantages: Sequence[np.ndarray], *, se
     return out
 
 
+def loss_tokens_per_row(cfg) -> int:
+    """The completion tokens one packed row may hold (rl.loss_tokens_per_row, 0 = min(data.seq_len, 2 x
+    rl.max_tokens)): the positions a row's loss and LM head run on (rl.losses.rl_loss_fn)."""
+    return min(cfg.data.seq_len, cfg.rl.loss_tokens_per_row or 2 * cfg.rl.max_tokens)
+
+
 def max_micro_batches(samples_per_step: int, micro_batch_rows: int) -> int:
     """The fixed micro-batch count of every RL step: the packing's worst case (one completion per row)."""
     return -(-samples_per_step // micro_batch_rows)
 
 
 def build_train_batch(groups: Sequence[Group], loss_cfg, *, seq_len: int, micro_batch_rows: int,
-                      samples_per_step: int) -> tuple[dict, dict]:
+                      samples_per_step: int, loss_tokens_per_row: int | None = None) -> tuple[dict, dict]:
     """Groups -> the train step's input: {BATCH_KEYS: [M, micro_batch_rows, seq_len], valid: [M], denominator}
     (numpy) and packing stats. M is always `max_micro_batches` (one compiled step whatever the packing gives): the
     micro-batches after the packed ones are zero rows with valid 0, which the step skips. Token weights and the
     step denominator follow `loss_cfg.aggregation` (rl.losses); the constant of token-sum-constant is
     `aggregation_constant`, or `samples_per_step` (docs/recipe.md §3: 64 x 16 = 1024)."""
     adv = group_advantages(groups, loss_cfg)
-    packed = pack_groups(groups, adv, seq_len=seq_len, rows_multiple=micro_batch_rows)
+    packed = pack_groups(groups, adv, seq_len=seq_len, rows_multiple=micro_batch_rows,
+                         loss_tokens_per_row=loss_tokens_per_row)
     weights = losses.token_weights(packed["loss_mask"], packed["segment_ids"], loss_cfg.aggregation)
     constant = loss_cfg.aggregation_constant or float(samples_per_step)
     denom = losses.denominator(loss_cfg.aggregation, packed["loss_mask"], packed["segment_ids"], constant)

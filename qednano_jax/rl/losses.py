@@ -212,14 +212,35 @@ def metric_means(sums: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------- over the model
 
-def rl_loss_fn(loss_cfg, temperature: float) -> Callable:
+def rl_loss_fn(loss_cfg, temperature: float, loss_tokens_per_row: int | None = None) -> Callable:
     """loss_fn(model_cfg, params, micro_batch) for train/step.py: trainer logprobs of logits / temperature (so they
-    compare with the sampler's), entropy of that distribution, and `rl.losses.rl_loss` with the packed weights."""
+    compare with the sampler's), entropy of that distribution, and `rl.losses.rl_loss` with the packed weights.
+
+    With `loss_tokens_per_row` K (below the row length; the packer, rl.batch.pack_groups, puts at most K
+    completion tokens in a row) the LM head runs only on each row's K loss positions, gathered in order after the
+    layers: prompts and padding, most of an RL row when completions are short, cost no [vocab]-wide logits."""
     def loss_fn(model_cfg: Any, params, mb: dict):
         h = qwen3.hidden_states(model_cfg, params, mb["tokens"], positions=mb["positions"],
                                 segment_ids=mb["segment_ids"])
-        lp_bt, ent_bt = qwen3.token_logprobs(model_cfg, params, h, mb["targets"], temperature=temperature,
+        keys = ("targets", "old_logprobs", "advantages", "weights")
+        per_token = {k: mb[k] for k in keys}
+        if loss_tokens_per_row is not None and loss_tokens_per_row < h.shape[1]:
+            idx, kept = loss_positions(mb["weights"], loss_tokens_per_row)
+            h = jnp.take_along_axis(h, idx[..., None], axis=1)
+            per_token = {k: jnp.take_along_axis(v, idx, axis=1) for k, v in per_token.items()}
+            per_token["weights"] = jnp.where(kept, per_token["weights"], 0.0)
+        lp_bt, ent_bt = qwen3.token_logprobs(model_cfg, params, h, per_token["targets"], temperature=temperature,
                                              with_entropy=True)
-        return rl_loss(loss_cfg.policy_loss, lp_bt, mb["old_logprobs"], mb["advantages"], mb["weights"],
-                              loss_cfg, entropy_bt=ent_bt)
+        return rl_loss(loss_cfg.policy_loss, lp_bt, per_token["old_logprobs"], per_token["advantages"],
+                       per_token["weights"], loss_cfg, entropy_bt=ent_bt)
     return loss_fn
+
+
+def loss_positions(weights_bt: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The first `k` positions of each row whose weight is nonzero, in order: (indices [b, k] int32, kept [b, k]
+    bool; False past a row's last loss token, whose index is then 0)."""
+    def row(w):
+        return jnp.nonzero(w != 0, size=k, fill_value=0)[0].astype(jnp.int32)
+    idx = jax.vmap(row)(weights_bt)
+    kept = jnp.arange(k)[None, :] < jnp.sum(weights_bt != 0, axis=1, keepdims=True)
+    return idx, kept

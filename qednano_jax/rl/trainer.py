@@ -16,7 +16,8 @@ from qednano_jax.config import Config
 from qednano_jax.model import qwen3
 from qednano_jax.reward.grader import Grader
 from qednano_jax.rl import losses
-from qednano_jax.rl.batch import BATCH_KEYS, FLOAT_KEYS, Group, build_train_batch, max_micro_batches
+from qednano_jax.rl.batch import (BATCH_KEYS, FLOAT_KEYS, Group, build_train_batch, loss_tokens_per_row,
+                                  max_micro_batches)
 from qednano_jax.train import checkpoint as ckpt_lib
 from qednano_jax.train import optim, sft, step as step_lib
 
@@ -50,7 +51,9 @@ class RLTrainer:
         self.b_sh = {k: split for k in BATCH_KEYS}
         self.b_sh["valid"] = self.b_sh["denominator"] = jax.sharding.NamedSharding(self.mesh,
                                                                                   jax.sharding.PartitionSpec())
-        self.step_fn = step_lib.make_train_step(self.model_cfg, losses.rl_loss_fn(cfg.rl.loss, cfg.rl.temperature),
+        self.loss_tokens = loss_tokens_per_row(cfg)
+        loss_fn = losses.rl_loss_fn(cfg.rl.loss, cfg.rl.temperature, self.loss_tokens)
+        self.step_fn = step_lib.make_train_step(self.model_cfg, loss_fn,
                                                 self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
                                                 state_sh=self.st_sh, batch_sh=self.b_sh)
         self.ckpt = ckpt_lib.Checkpointer(paths.resolve(cfg.train.run_dir) / "checkpoints",
@@ -82,7 +85,8 @@ class RLTrainer:
         """The step's packed numpy batch and packing stats (build_train_batch with this config's numbers)."""
         rl = self.cfg.rl
         return build_train_batch(groups, rl.loss, seq_len=self.cfg.data.seq_len, micro_batch_rows=rl.micro_batch_rows,
-                                 samples_per_step=rl.prompts_per_step * rl.group_size)
+                                 samples_per_step=rl.prompts_per_step * rl.group_size,
+                                 loss_tokens_per_row=self.loss_tokens)
 
     def empty_batch(self) -> dict:
         """Zeros shaped and typed like every `host_batch` (what the other hosts pass to the broadcast)."""

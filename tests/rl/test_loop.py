@@ -58,6 +58,24 @@ def test_pack_groups_aligns_logprobs_advantages_and_mask():
         batch.pack_groups([g1, g2], adv, seq_len=3)
 
 
+def test_pack_groups_keeps_each_row_within_its_loss_token_cap():
+    g1 = batch.Group(prompt_ids=[1, 2, 3], completions=[comp([10, 11], [-0.1, -0.2]), comp([12], [-0.3])],
+                    rewards=[1.0, 0.0])
+    g2 = batch.Group(prompt_ids=[4, 5], completions=[comp([20, 21, 22], [-1.0, -2.0, -3.0]), comp([23], [-4.0])],
+                    rewards=[0.25, 0.75])
+    adv = batch.group_advantages([g1, g2], load_config(None, ["stage=rl"]).rl.loss)
+    # (length, completion tokens) 4,2 / 4,3 / 3,1 / 2,1 in first-fit order with at most 3 completion tokens a row:
+    # g1c0 -> row 0; g2c0 needs 3 (row 0 has 1 left) -> row 1; g1c1 -> row 0; g2c1 fits neither -> row 2
+    p = batch.pack_groups([g1, g2], adv, seq_len=8, loss_tokens_per_row=3)
+    np.testing.assert_array_equal(p["tokens"], [[1, 2, 3, 10, 1, 2, 3, 0], [4, 5, 20, 21, 0, 0, 0, 0],
+                                                [4, 5, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(p["loss_mask"].sum(axis=1), [3, 3, 1])
+    with pytest.raises(ValueError, match="group 1 completion 0: 3 completion tokens exceed rl.loss_tokens_per_row 2"):
+        batch.pack_groups([g1, g2], adv, seq_len=8, loss_tokens_per_row=2)
+    with pytest.raises(Exception, match="rl.loss_tokens_per_row: 8 is below rl.max_tokens 16"):
+        load_config(None, ["stage=rl", "rl.max_tokens=16", "rl.loss_tokens_per_row=8"])
+
+
 def test_filter_stale_counts_groups_beyond_max_lag():
     groups = [batch.Group([1], [comp([2], [0.0], v)], [0.0]) for v in ("5", "4", "3", "default")]
     kept, gone = batch.filter_stale(groups, trainer_version=5, max_lag=1)
@@ -275,7 +293,7 @@ def test_non_finite_loss_stops_the_run_before_the_update_is_saved(tmp_path, tiny
 def test_train_step_compiles_once_whatever_the_packing(tmp_path, tiny_hf_dir):
     """Steps whose completions pack into 1, 3 and 2 micro-batches run one compiled program (fixed micro-batch
     count, the unused ones skipped) and train on what they hold."""
-    cfg = toy_config(tmp_path, tiny_hf_dir, "compile", "rl.micro_batch_rows=1", "data.seq_len=40")
+    cfg = toy_config(tmp_path, tiny_hf_dir, "compile", "rl.micro_batch_rows=1", "data.seq_len=40", "rl.max_tokens=36")
     trainer = RLTrainer(cfg, log=lambda s: None)
     trainer.init_or_restore()
     prompt = [3, 4, 5, 6]  # a sequence of n completion tokens fills 3 + n of a row's 40

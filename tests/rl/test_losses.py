@@ -247,3 +247,43 @@ def test_rl_loss_jits_with_static_config():
     eager, _ = losses.rl_loss("ppo", *args, w, cfg, entropy_bt=jnp.asarray(x["ent"], jnp.float32))
     jitted, _ = f("ppo", *args, w, cfg, entropy_bt=jnp.asarray(x["ent"], jnp.float32))
     np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+
+
+def test_loss_on_gathered_positions_equals_the_full_row_loss():
+    """rl_loss_fn with loss_tokens_per_row runs the LM head on each row's loss positions only; loss, metric sums
+    and gradients equal those of the LM head over every position (the packer keeps rows within the cap)."""
+    from qednano_jax.config import ModelConfig
+    from qednano_jax.model import qwen3
+    from qednano_jax.rl import batch
+    from qednano_jax.rollout.base import Completion
+    cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    rng = np.random.default_rng(0)
+    groups = []
+    for g in range(3):
+        lengths = rng.integers(1, 6, 2)
+        comps = [Completion(token_ids=rng.integers(1, 256, n).tolist(), logprobs=(-3 * rng.random(n)).tolist(),
+                            finish_reason="stop", text="", weight_version="0", prompt_tokens=0) for n in lengths]
+        groups.append(batch.Group(prompt_ids=rng.integers(1, 256, 4 + 3 * g).tolist(), completions=comps,
+                                  rewards=rng.random(2).tolist()))
+    loss_cfg = LossConfig(entropy_coef=1e-2, aggregation="sequence-mean-token-mean")
+    host, _ = batch.build_train_batch(groups, loss_cfg, seq_len=32, micro_batch_rows=2, samples_per_step=6,
+                                      loss_tokens_per_row=6)
+    assert host["valid"].sum() >= 2 and (host["weights"] != 0).sum(axis=-1).max() <= 6
+    params = qwen3.init_params(cfg, jax.random.PRNGKey(1))
+    results = []
+    for k in (None, 6):
+        fn = losses.rl_loss_fn(loss_cfg, 0.8, k)
+        def total(p):
+            out = [fn(cfg, p, {key: jnp.asarray(v[m]) for key, v in host.items() if key not in ("valid", "denominator")})
+                   for m in range(int(host["valid"].sum()))]
+            return sum(o[0] for o in out), jax.tree.map(lambda *x: sum(x), *[o[1] for o in out])
+        (loss, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
+        results.append((loss, sums, grads))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert float(s0["tokens"]) == float((host["weights"] != 0).sum()) == float(s1["tokens"])
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    for key in s0:
+        np.testing.assert_allclose(float(s1[key]), float(s0[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
