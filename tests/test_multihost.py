@@ -161,6 +161,65 @@ def test_two_hosts_match_one_host_and_resume(tmp_path, monkeypatch):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+_EXPORT = """
+import sys
+from qednano_jax import sharding
+sharding.maybe_initialize_distributed()
+from qednano_jax.config import load_config
+from qednano_jax.model.hf import save_hf
+from qednano_jax.train import sft, step
+cfg = load_config(None, ["model.num_layers=3", "mesh.shape.fsdp=-1"])
+mesh, rules = sft.mesh_and_rules(cfg)
+params = step.random_params(cfg.model, 7, step.param_shardings(cfg.model, mesh, rules))
+save_hf(cfg.model, params, sys.argv[1], dtype=sys.argv[2])
+"""
+
+
+def test_per_host_export_of_an_uneven_layer_count_equals_the_one_host_export(tmp_path):
+    """3 layers over 2 hosts: host 0 writes layers 0-1, host 1 layer 2, process 0 the rest and the index (no
+    gather of the layers); the tensors equal a one-process export of the same seeded params, in bf16, and
+    transformers loads it with no missing or unexpected tensor and the same logits."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    for n in (1, 2):
+        port, procs = _free_port(), []
+        for i in range(n):
+            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n}", "JAX_PLATFORMS": "cpu"}
+            if n > 1:
+                env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n),
+                        "JAX_PROCESS_ID": str(i)}
+            procs.append(subprocess.Popen([sys.executable, "-c", _EXPORT, str(tmp_path / f"hf{n}"), "bfloat16"],
+                                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        for p in procs:
+            out = p.communicate(timeout=600)[0].decode()
+            assert p.returncode == 0, out[-3000:]
+    one_dir, two_dir = tmp_path / "hf1", tmp_path / "hf2"
+    assert [p.name for p in one_dir.glob("*.safetensors")] == ["model.safetensors"]
+    files = sorted(p.name for p in two_dir.glob("*.safetensors"))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)], files
+    index = json.loads((two_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert [index[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(3)] == [files[0], files[0], files[1]]
+    assert index["model.norm.weight"] == index["model.embed_tokens.weight"] == files[2]
+    one = load_file(one_dir / "model.safetensors")
+    two = {}
+    for f in files:
+        part = load_file(two_dir / f)
+        assert not set(part) & set(two) and all(index[k] == f for k in part)
+        two |= part
+    assert sorted(two) == sorted(one) == sorted(index)
+    for name in one:
+        assert one[name].dtype == two[name].dtype == torch.bfloat16 and torch.equal(one[name], two[name]), name
+    logits = []
+    for d in (one_dir, two_dir):
+        m, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True, torch_dtype=torch.float32)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            logits.append(m(torch.tensor([[1, 50, 900, 7, 4096]])).logits.numpy())
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert np.abs(logits[0]).max() > 0
+
+
 # ----------------------------------------------------------------------------------------------- RL and RC
 
 RL_OVERRIDES = ["train.steps=2", "rl.micro_batch_rows=8", "train.progress=false", "checkpoint.every=1",

@@ -437,16 +437,15 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     rename) is the caller's job.
 
     Multi-host (every process calls this; `path` must be storage all hosts see: a bucket or a shared filesystem):
-    when the layer count divides over the processes, each host writes the safetensors file of its own block of
-    layers (the stacked layer params are resharded so that host h holds layers [h L/H, (h+1) L/H): an all-to-all,
-    no whole-model gather) and process 0 the file of the other tensors (embedding, final norm, head: gathered) and
-    the index; the function returns once every file is written. Otherwise each tensor is gathered and process 0
-    writes them all.
+    each host writes the safetensors file of its own block of layers (the stacked layer params, padded to a multiple
+    of H, are resharded so that host h holds layers [h B, (h+1) B) with B = ceil(L / H): an all-to-all, no
+    whole-model gather; a host past the last layer writes no file) and process 0 the file of the other tensors
+    (embedding, final norm, head: gathered) and the index; the function returns once every file is written.
     """
     path = paths.resolve(path) if paths.is_url(path) else Path(path)
     save_dtype = dtype or str(jnp.dtype(_get(params, ("embed",)).dtype))
     cfg = dataclasses.replace(config, param_dtype=save_dtype)
-    if jax.process_count() > 1 and cfg.num_layers % jax.process_count() == 0:
+    if jax.process_count() > 1:
         return _save_per_host(cfg, params, path, tokenizer_dir)
     np_dtype = np.dtype(jnp.dtype(save_dtype))
     tensors = list(hf_tensors(cfg))
@@ -517,20 +516,24 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    n, me = jax.process_count(), jax.process_index()
-    per = cfg.num_layers // n
+    n, me, layers = jax.process_count(), jax.process_index(), cfg.num_layers
+    per = -(-layers // n)  # layers a host writes; the last hosts may have fewer or none
+    k = -(-layers // per)  # hosts that own layers, each one file; file k: the other tensors
+    mine_n = max(0, min(per, layers - me * per))
     np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]  # file n: the other tensors
+    names = [f"model-{i + 1:05d}-of-{k + 1:05d}.safetensors" for i in range(k + 1)]
     tensors = list(hf_tensors(cfg))
-    file_of = {name: (layer // per if layer is not None else n) for name, _, layer, _ in tensors}
+    file_of = {name: (layer // per if layer is not None else k) for name, _, layer, _ in tensors}
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     hosts = jax.sharding.Mesh(np.asarray(devices).reshape(n, -1), ("hosts", "local"))
-    blocks = jax.jit(lambda x: x, out_shardings=NamedSharding(hosts, P("hosts")))
+    pad = lambda x: jnp.pad(x, [(0, n * per - layers)] + [(0, 0)] * (x.ndim - 1))
+    blocks = jax.jit(pad, out_shardings=NamedSharding(hosts, P("hosts")))
     if me == 0:
         _prepare_dir(path, names)
     multihost_utils.sync_global_devices("qednano_save_hf_start")  # the directory exists, stale files are gone
-    mine = _ShardWriter(path / names[me], [(t, s) for t, _, _, s in tensors if file_of[t] == me], np_dtype)
-    rest = (_ShardWriter(path / names[n], [(t, s) for t, _, _, s in tensors if file_of[t] == n], np_dtype)
+    mine = (_ShardWriter(path / names[me], [(t, s) for t, _, _, s in tensors if file_of[t] == me], np_dtype)
+            if mine_n else None)
+    rest = (_ShardWriter(path / names[k], [(t, s) for t, _, _, s in tensors if file_of[t] == k], np_dtype)
             if me == 0 else None)
     for entry, _ in _entries(cfg):
         leaf = _get(params, entry.ours)
@@ -538,14 +541,15 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
             local = blocks(leaf).addressable_shards[0].data
             host = np.asarray(jax.device_get(local)).astype(np_dtype, copy=False)
             buf = np.empty(_leaf_shape(entry, host.shape), np_dtype) if entry.split else None
-            for j in range(per):
+            for j in range(mine_n):
                 mine.write(to_hf(entry, host[j], buf))
         else:
             host = _to_host(leaf).astype(np_dtype, copy=False)  # a collective: every process takes part
             if rest is not None:
                 rest.write(to_hf(entry, host, None))
         del leaf
-    mine.close()
+    if mine is not None:
+        mine.close()
     if rest is not None:
         rest.close()
         total = sum(math.prod(shape) for _, _, _, shape in tensors) * np_dtype.itemsize
