@@ -289,33 +289,50 @@ def _free_port() -> int:
 @pytest.mark.sglang
 @pytest.mark.slow
 def test_sglang_serves_our_export(tmp_path):
-    """The real SGLang server loads our bf16 export; its greedy tokens' logprobs match our model's."""
+    """The real SGLang server loads our bf16 export; its greedy tokens' logprobs match our model's. Then
+    /update_weights_from_disk (what refit calls) loads a different checkpoint exported across 3 files with an
+    index, as a multi-host export is laid out, and its logprobs match that checkpoint's."""
     venv = os.environ.get("QEDNANO_SGLANG_VENV")
     if not venv:
         pytest.skip("set QEDNANO_SGLANG_VENV to a SGLang venv (see /work/shared/sglang-cpu/README.md)")
     from qednano_jax.data.tokenizer import prompt_ids, train_tiny_tokenizer
+    from qednano_jax.rollout.refit import update_from_disk
     tok_dir = train_tiny_tokenizer(["the proof is complete", "let x be a real number", "hence q.e.d."] * 30,
                                    tmp_path / "tok", 512)
     cfg = ModelConfig(vocab_size=512, initializer_range=0.2, bos_token_id=0, eos_token_id=2, param_dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     out = hf.save_hf(cfg, params, tmp_path / "model", tokenizer_dir=tok_dir)
+    params2 = init_params(cfg, jax.random.key(1))
+    out2 = hf.save_hf(cfg, params2, tmp_path / "sharded", tokenizer_dir=tok_dir, max_shard_bytes=90_000)
+    assert len(list(out2.glob("*.safetensors"))) == 3
     serve = Path(os.environ.get("QEDNANO_SGLANG_CPU") or Path(__file__).resolve().parents[2].parent
                  / "shared/sglang-cpu") / "serve.sh"
     port = _free_port()
     pid = int(subprocess.run([str(serve), venv, str(out), str(port), "--sleep-on-idle"], check=True, capture_output=True,
                              text=True).stdout.split()[-1])
-    try:
-        prompt = prompt_ids(AutoTokenizer.from_pretrained(str(out)), "prove that x is real")
-        r = requests.post(f"http://127.0.0.1:{port}/generate", timeout=120, json={
+    url = f"http://127.0.0.1:{port}"
+    prompt = prompt_ids(AutoTokenizer.from_pretrained(str(out)), "prove that x is real")
+
+    def greedy():
+        r = requests.post(f"{url}/generate", timeout=120, json={
             "input_ids": prompt, "return_logprob": True,
             "sampling_params": {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}}).json()
+        return [(lp, t) for lp, t, _ in r["meta_info"]["output_token_logprobs"]]
+
+    try:
+        got = greedy()
+        update_from_disk(requests.Session(), url, out2, "2", timeout=120)
+        got2 = greedy()
     finally:
         os.kill(pid, 15)
-    got = [(lp, t) for lp, t, _ in r["meta_info"]["output_token_logprobs"]]
-    tokens = np.array([prompt + [t for _, t in got]], np.int32)
-    logp = np.asarray(jax.nn.log_softmax(forward(dataclasses.replace(cfg, param_dtype="float32"),
-                                                 jax.tree.map(lambda x: np.asarray(x, np.float32), params), tokens)))
-    n = len(prompt)
-    ours = [logp[0, n - 1 + i, t] for i, (_, t) in enumerate(got)]
-    assert len(got) == 8
-    np.testing.assert_allclose([lp for lp, _ in got], ours, atol=5e-2)  # SGLang computes in bf16
+    def error(p, g):  # max |SGLang logprob - ours| over the 8 tokens SGLang chose
+        tokens = np.array([prompt + [t for _, t in g]], np.int32)
+        logp = np.asarray(jax.nn.log_softmax(forward(dataclasses.replace(cfg, param_dtype="float32"),
+                                                     jax.tree.map(lambda x: np.asarray(x, np.float32), p), tokens)))
+        n = len(prompt)
+        return max(abs(lp - logp[0, n - 1 + i, t]) for i, (lp, t) in enumerate(g))
+
+    assert len(got) == len(got2) == 8
+    errors = [[error(p, g) for g in (got, got2)] for p in (params, params2)]
+    # SGLang computes in bf16: within 0.08 of the checkpoint it serves, far from the other one
+    assert errors[0][0] < 0.08 and errors[1][1] < 0.08 and min(errors[0][1], errors[1][0]) > 0.3, errors
