@@ -68,13 +68,14 @@ def test_readme_demo_commands_run_as_written(tmp_path):
         assert [m["step"] for m in ms] == list(range(1, steps + 1)), run
         assert all(0 <= m["reward_mean"] <= 1 and m["grader_total_failures"] == 0 for m in ms), run
         assert (runs / run / "checkpoints" / str(steps)).is_dir(), run
-    # the answer demo: the random model never closes its thinking (0 points), the SFT export answers in the format
-    # (no truncation) and gets at least a quarter right; RL keeps it (its last 5 steps average at least 0.4)
+    # the answer demo: the SFT export answers in the format and gets at least a quarter right; RL raises the reward
+    # (README: 0.40 over the first 3 steps, 0.69 over the last 5) and the eval of its export beats the SFT one's
+    # (README: 45.8% -> 72.9%)
     sft = json.loads((runs / "demo-eval-sft" / "summary.json").read_text())[0]
     rl = json.loads((runs / "demo-eval-rl" / "summary.json").read_text())[0]
-    assert sft["mean"] >= 25 and rl["mean"] >= 25, (sft, rl)
+    assert sft["mean"] >= 25 and rl["mean"] >= sft["mean"] + 10, (sft, rl)
     rewards = [m["reward_mean"] for m in metrics("demo-rl")]
-    assert len(rewards) == 20 and sum(rewards[-5:]) / 5 >= 0.4, rewards
+    assert len(rewards) == 25 and sum(rewards[-5:]) / 5 >= sum(rewards[:3]) / 3 + 0.15, rewards
     assert (runs / "demo-compare" / "scores.png").is_file()
     # data generation against the embedded server: the distill demo exports rows, rubrics writes its RL rows
     assert len((runs / "datagen-tiny" / "distill" / "fineproofs_sft.jsonl").read_text().splitlines()) >= 1
