@@ -28,6 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _host_env(i: int, hosts: int, port: int) -> dict:
+    """The environment of process i of `hosts` (8 CPU devices in all), joined by jax.distributed on 127.0.0.1."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // hosts}", "JAX_PLATFORMS": "cpu"}
+    if hosts > 1:
+        env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(hosts),
+                "JAX_PROCESS_ID": str(i)}
+    return env
+
+
 def _train(args: list[str], run_dir: Path, hosts: int, tag: str, kill_after_step: int | None = None) -> list[str]:
     """`python -m qednano_jax.train ARGS train.run_dir=RUN_DIR` as `hosts` processes (8 CPU devices in all) joined by
     jax.distributed on 127.0.0.1; with kill_after_step, every process is SIGKILLed once that step's checkpoint
@@ -35,14 +44,9 @@ def _train(args: list[str], run_dir: Path, hosts: int, tag: str, kill_after_step
     port = _free_port()
     procs, logs = [], []
     for i in range(hosts):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // hosts}",
-               "JAX_PLATFORMS": "cpu"}
-        if hosts > 1:
-            env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(hosts),
-                    "JAX_PROCESS_ID": str(i)}
         log = open(run_dir.parent / f"{tag}.process{i}.log", "w+")
         procs.append(subprocess.Popen([sys.executable, "-m", "qednano_jax.train", *args, f"train.run_dir={run_dir}"],
-                                      env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+                                      env=_host_env(i, hosts, port), cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     try:
         if kill_after_step is not None:
@@ -185,12 +189,9 @@ def test_per_host_export_of_an_uneven_layer_count_equals_the_one_host_export(tmp
     for n in (1, 2):
         port, procs = _free_port(), []
         for i in range(n):
-            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n}", "JAX_PLATFORMS": "cpu"}
-            if n > 1:
-                env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n),
-                        "JAX_PROCESS_ID": str(i)}
             procs.append(subprocess.Popen([sys.executable, "-c", _EXPORT, str(tmp_path / f"hf{n}"), "bfloat16"],
-                                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                                          env=_host_env(i, n, port), cwd=REPO, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT))
         for p in procs:
             out = p.communicate(timeout=600)[0].decode()
             assert p.returncode == 0, out[-3000:]

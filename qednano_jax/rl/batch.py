@@ -95,9 +95,9 @@ def pack_groups(groups: Sequence[Group], advantages: Sequence[np.ndarray], *, se
     positions 0.. and its own segment id (1, 2, ... within a row; 0 = padding). Target j of a sequence predicts
     id j + 1, so completion token k is the target at j = P - 1 + k: there `loss_mask` is 1, `old_logprobs` is the
     sampler's logprob of that token and `advantages` the completion's advantage; prompt targets and padding are 0.
-    Sequences are placed first-fit in decreasing length; a row holds at most `loss_tokens_per_row` completion tokens
-    (None: seq_len), so the loss can run on that many positions a row (rl.losses.rl_loss_fn). Returns numpy arrays: tokens, targets, positions,
-    segment_ids (int32), loss_mask, old_logprobs, advantages (float32).
+    Sequences are placed first-fit in decreasing length; a row holds at most `loss_tokens_per_row` completion
+    tokens (None: seq_len), so the loss can run on that many positions a row (rl.losses.rl_loss_fn). Returns numpy
+    arrays: tokens, targets, positions, segment_ids (int32), loss_mask, old_logprobs, advantages (float32).
     """
     seqs = []
     for gi, (g, adv) in enumerate(zip(groups, advantages)):
