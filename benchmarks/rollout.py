@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from qednano_jax.config import ModelConfig, RolloutConfig
 from qednano_jax.data.tokenizer import load_tokenizer, train_tiny_tokenizer
@@ -124,16 +123,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def raw_write_seconds(cfg, params, path: Path) -> float:
-    """safetensors' save_file of the same tensors, already on the host in HF layout (untimed), as one file."""
-    from safetensors.numpy import save_file
-    host = jax.device_get(params)
-    tensors = {}
-    for name, entry, layer, _ in hf.hf_tensors(cfg):
-        leaf = host
-        for k in entry.ours:
-            leaf = leaf[k]
-        tensors[name] = hf.to_hf(entry, np.asarray(leaf[layer] if layer is not None else leaf))
-    path.mkdir(parents=True, exist_ok=True)
+    """safetensors' save_file of the same tensors, already on the host in HF layout (read back, untimed, from an
+    export), as one file."""
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(hf.save_hf(cfg, params, path / "src") / hf.SINGLE_FILE))
     _, secs = timed(lambda: save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"}))
     return secs
 

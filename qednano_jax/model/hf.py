@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -117,21 +118,29 @@ def hf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, Entry, int | None, tuple
             yield (e.hf.format(i=layer) if e.per_layer else e.hf), e, layer, hf_shape
 
 
-_BLOCK = 64  # rows per transposed block: a block of the source and of the target stay in cache together
+@functools.partial(jax.jit, static_argnames=("split", "stacked", "dtype"))
+def _hf_layout(x: jax.Array, *, split: int, stacked: bool, dtype: str) -> jax.Array:
+    """One of our leaves -> its HF tensors, on device: cast to `dtype`; a transposed entry (`split` = n > 0) goes
+    [layers?, in..., out...] -> [layers?, out, in], so every layer's tensor is one contiguous block on the host."""
+    x = x.astype(dtype)
+    if not split:
+        return x
+    lead = x.shape[:1] if stacked else ()
+    dims = x.shape[len(lead):]
+    return jnp.swapaxes(x.reshape(*lead, math.prod(dims[:split]), math.prod(dims[split:])), -1, -2)
 
 
-def to_hf(entry: Entry, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """One of our per-layer arrays -> the HF tensor (C-contiguous). A transposed layout is written in row blocks
-    into `out` when given (save_hf reuses one from layer to layer: a fresh array per tensor costs more in page
-    faults than the transpose itself)."""
-    if not entry.split:
-        return np.ascontiguousarray(x)
-    n = entry.split
-    x2 = x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:]))
-    out = np.empty(x2.shape[::-1], x2.dtype) if out is None else out
-    for r in range(0, x2.shape[0], _BLOCK):
-        out[:, r:r + _BLOCK] = x2[r:r + _BLOCK].T
-    return out
+@functools.partial(jax.jit, static_argnames=("split", "pad", "dtype", "sharding"))
+def _host_blocks(x: jax.Array, *, split: int, pad: int, dtype: str, sharding: Any) -> jax.Array:
+    """Stacked layers, padded with `pad` zero layers, in HF layout and resharded by `sharding` (per-host export)."""
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return jax.lax.with_sharding_constraint(_hf_layout(x, split=split, stacked=True, dtype=dtype), sharding)
+
+
+def _layout(entry: Entry, leaf: jax.Array, dtype: str) -> jax.Array:
+    if not entry.split and jnp.dtype(leaf.dtype) == jnp.dtype(dtype):
+        return leaf  # nothing to do: no compile
+    return _hf_layout(leaf, split=entry.split, stacked=entry.per_layer, dtype=dtype)
 
 
 def _read_block(view: Any, entry: Entry, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
@@ -458,29 +467,24 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
         sizes[-1] += nbytes
     n = len(sizes)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    writer = jax.process_index() == 0
-    if writer:
-        _prepare_dir(path, names)
-
+    _prepare_dir(path, names)
     shard, left = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
+
     for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
-        host = _to_host(_get(params, entry.ours)).astype(np_dtype, copy=False)  # on the host: no compile per leaf
-        buf = np.empty(_leaf_shape(entry, host.shape), np_dtype) if entry.split and writer else None
-        for layer in range(cfg.num_layers) if entry.per_layer else [None]:
+        host = _to_host(_layout(entry, _get(params, entry.ours), save_dtype))
+        for layer in range(cfg.num_layers) if entry.per_layer else [None]:  # in plan order: shard after shard
             name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
-            i = shard_of[name]
-            if writer:  # tensors come in plan order: each is written as soon as it is laid out, shard after shard
-                if shard is None:
-                    shard = _ShardWriter(path / names[i], [(t, s) for t, _, _, s in tensors if shard_of[t] == i],
-                                         np_dtype)
-                shard.write(to_hf(entry, host[layer] if entry.per_layer else host, buf))
-            left[i] -= 1
-            if not left[i] and shard is not None:
+            k = shard_of[name]
+            if shard is None:
+                shard = _ShardWriter(path / names[k], [(t, s) for t, _, _, s in tensors if shard_of[t] == k],
+                                     np_dtype)
+            shard.write(host[layer] if entry.per_layer else host)
+            left[k] -= 1
+            if not left[k]:
                 shard.close()
                 shard = None
-        del host, buf
-    if writer:
-        _write_metadata(cfg, path, tensors, names, shard_of, sum(sizes), tokenizer_dir)
+        del host
+    _write_metadata(cfg, path, tensors, names, shard_of, sum(sizes), tokenizer_dir)
     return path
 
 
@@ -526,8 +530,7 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
     file_of = {name: (layer // per if layer is not None else k) for name, _, layer, _ in tensors}
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     hosts = jax.sharding.Mesh(np.asarray(devices).reshape(n, -1), ("hosts", "local"))
-    pad = lambda x: jnp.pad(x, [(0, n * per - layers)] + [(0, 0)] * (x.ndim - 1))
-    blocks = jax.jit(pad, out_shardings=NamedSharding(hosts, P("hosts")))
+    by_host = NamedSharding(hosts, P("hosts"))
     if me == 0:
         _prepare_dir(path, names)
     multihost_utils.sync_global_devices("qednano_save_hf_start")  # the directory exists, stale files are gone
@@ -537,17 +540,17 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
             if me == 0 else None)
     for entry, _ in _entries(cfg):
         leaf = _get(params, entry.ours)
-        if entry.per_layer:  # this host's block of layers, [per, ...], resharded without a gather
-            local = blocks(leaf).addressable_shards[0].data
-            host = np.asarray(jax.device_get(local)).astype(np_dtype, copy=False)
-            buf = np.empty(_leaf_shape(entry, host.shape), np_dtype) if entry.split else None
+        if entry.per_layer:  # this host's block of layers, [per, ...] in HF layout, resharded without a gather
+            blocks = _host_blocks(leaf, split=entry.split, pad=n * per - layers, dtype=cfg.param_dtype,
+                                  sharding=by_host)
+            host = np.asarray(jax.device_get(blocks.addressable_shards[0].data))
             for j in range(mine_n):
-                mine.write(to_hf(entry, host[j], buf))
+                mine.write(host[j])
         else:
-            host = _to_host(leaf).astype(np_dtype, copy=False)  # a collective: every process takes part
+            host = _to_host(_hf_layout(leaf, split=entry.split, stacked=False, dtype=cfg.param_dtype))  # collective
             if rest is not None:
-                rest.write(to_hf(entry, host, None))
-        del leaf
+                rest.write(host)
+        del leaf, host
     if mine is not None:
         mine.close()
     if rest is not None:
