@@ -172,11 +172,25 @@ sharding.maybe_initialize_distributed()
 from qednano_jax.config import load_config
 from qednano_jax.model.hf import save_hf
 from qednano_jax.train import sft, step
-cfg = load_config(None, ["model.num_layers=3", "mesh.shape.fsdp=-1"])
+cfg = load_config(None, ["model.num_layers=3", "model.initializer_range=0.3", "mesh.shape.fsdp=-1"])
 mesh, rules = sft.mesh_and_rules(cfg)
 params = step.random_params(cfg.model, 7, step.param_shardings(cfg.model, mesh, rules))
 save_hf(cfg.model, params, sys.argv[1], dtype=sys.argv[2])
 """
+
+
+def _export(out: Path, hosts: int) -> Path:
+    """The embedded default model with 3 layers (seeded params, fsdp over all 8 devices), exported in bf16 by
+    `hosts` processes joined by jax.distributed on 127.0.0.1."""
+    port, procs = _free_port(), []
+    for i in range(hosts):
+        procs.append(subprocess.Popen([sys.executable, "-c", _EXPORT, str(out), "bfloat16"],
+                                      env=_host_env(i, hosts, port), cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    for p in procs:
+        log = p.communicate(timeout=600)[0].decode()
+        assert p.returncode == 0, log[-3000:]
+    return out
 
 
 def test_per_host_export_of_an_uneven_layer_count_equals_the_one_host_export(tmp_path):
@@ -187,14 +201,7 @@ def test_per_host_export_of_an_uneven_layer_count_equals_the_one_host_export(tmp
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     for n in (1, 2):
-        port, procs = _free_port(), []
-        for i in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-c", _EXPORT, str(tmp_path / f"hf{n}"), "bfloat16"],
-                                          env=_host_env(i, n, port), cwd=REPO, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT))
-        for p in procs:
-            out = p.communicate(timeout=600)[0].decode()
-            assert p.returncode == 0, out[-3000:]
+        _export(tmp_path / f"hf{n}", n)
     one_dir, two_dir = tmp_path / "hf1", tmp_path / "hf2"
     assert [p.name for p in one_dir.glob("*.safetensors")] == ["model.safetensors"]
     files = sorted(p.name for p in two_dir.glob("*.safetensors"))
@@ -219,6 +226,42 @@ def test_per_host_export_of_an_uneven_layer_count_equals_the_one_host_export(tmp
             logits.append(m(torch.tensor([[1, 50, 900, 7, 4096]])).logits.numpy())
     np.testing.assert_array_equal(logits[0], logits[1])
     assert np.abs(logits[0]).max() > 0
+
+
+def test_sglang_serves_the_per_host_export(tmp_path):
+    """The real SGLang server (bf16) starts from the 3-file export of 2 processes; the logprobs of its 8 greedy tokens
+    match transformers on the same files, and do not match them with host 1's layer (2) replaced by layer 1."""
+    venv = os.environ.get("QEDNANO_SGLANG_VENV")
+    if not venv:
+        pytest.skip("set QEDNANO_SGLANG_VENV to a SGLang venv (see ../shared/sglang-cpu/README.md)")
+    import requests
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = _export(tmp_path / "hf2", 2)
+    serve = Path(os.environ.get("QEDNANO_SGLANG_CPU") or REPO.parent / "shared/sglang-cpu") / "serve.sh"
+    port, prompt = _free_port(), [1, 50, 900, 7, 4096]
+    pid = int(subprocess.run([str(serve), venv, str(model), str(port), "--skip-tokenizer-init", "--dtype",
+                              "bfloat16", "--sleep-on-idle"], check=True, capture_output=True, text=True,
+                             timeout=400).stdout.split()[-1])
+    try:
+        r = requests.post(f"http://127.0.0.1:{port}/generate", timeout=120, json={
+            "input_ids": prompt, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}}).json()
+    finally:
+        os.kill(pid, 15)
+    got = [(lp, t) for lp, t, _ in r["meta_info"]["output_token_logprobs"]]
+    assert len(got) == 8, r
+    m = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+
+    def error():  # max |SGLang logprob - transformers'| over the tokens SGLang chose
+        with torch.no_grad():
+            logp = torch.log_softmax(m(torch.tensor([prompt + [t for _, t in got]])).logits[0], -1).numpy()
+        return max(abs(lp - logp[len(prompt) - 1 + i, t]) for i, (lp, t) in enumerate(got))
+
+    served = error()
+    with torch.no_grad():  # host 1's layer swapped for host 0's last one
+        m.model.layers[2].load_state_dict(m.model.layers[1].state_dict())
+    assert served < 0.08 and error() > 0.3, (served, error())
 
 
 # ----------------------------------------------------------------------------------------------- RL and RC
