@@ -41,7 +41,6 @@ from qednano_jax.rl import loop, pipeline
 from qednano_jax.rl.trainer import RLTrainer
 from qednano_jax.rollout.base import Completion, SamplingParams
 from qednano_jax.train import driver
-from qednano_jax.train import metrics as metrics_lib
 from qednano_jax.train import sft
 
 
@@ -223,24 +222,20 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: pipeline.
     """Train (or resume) stage 3 per `cfg` (see module doc). `reward_fn` replaces the configured grader (tests).
     Returns {start_step, steps, metrics: {step: {...}}, run_dir, counters, state, records}."""
     problems_per_step = check_config(cfg)
-    run_dir = paths.resolve(cfg.train.run_dir)
     inputs = loop.load_inputs(cfg, log)  # checked before the run dir is touched
-    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=jax.process_index() == 0)
-    try:
-        return _run(cfg, log, reward_fn, run_dir, problems_per_step, inputs)
-    finally:
-        lock.release()
+    with driver.Run(cfg, "rc", log) as run:
+        return _run(cfg, run, reward_fn, problems_per_step, inputs)
 
 
-def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_per_step: int, inputs) -> dict:
+def _run(cfg: Config, run: driver.Run, reward_fn, problems_per_step: int, inputs) -> dict:
     from qednano_jax.rollout import make_rollout
 
-    tc, rl, rc = cfg.train, cfg.rl, cfg.rc
-    trainer = RLTrainer(cfg, log=log)
+    tc, rl, rc, run_dir, log = cfg.train, cfg.rl, cfg.rc, run.run_dir, run.log
+    trainer = run.closing(RLTrainer(cfg, log=log))
     model_cfg = trainer.model_cfg
     if jax.process_index() != 0:  # multi-host: process 0 runs the RC actor and the rollouts (rl.loop.follow)
         trainer.init_or_restore()
-        return loop.follow(cfg, trainer, log)
+        return loop.follow(cfg, trainer, run)
     tokenizer, prompts, data_stats = inputs
     (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
 
@@ -257,7 +252,8 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
         if "grader_stats" in extra:
             grader.stats = GraderStats(**extra["grader_stats"])
     placed, r_mesh, r_rules = trainer.rollout_placement() if cfg.rollout.backend == "native" else (None, None, None)
-    rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=r_mesh, rules=r_rules, version=str(start))
+    rollout = run.closing(make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=r_mesh, rules=r_rules,
+                                       version=str(start)))
     if cfg.rollout.backend != "native":
         trainer.refit(rollout)
     if jax.process_count() > 1:  # a native summarizer lives on process 0's own devices, like the policy's engine
@@ -266,6 +262,8 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
     elif r_mesh is None:
         r_mesh, r_rules = trainer.mesh, trainer.rules
     summarizer, summarizer_tok = make_summarizer(cfg, rollout, tokenizer, r_mesh, r_rules)
+    if summarizer is not rollout:
+        run.closing(summarizer)
     use_jit = rc.loop == "jit" or (rc.loop == "auto" and cfg.rollout.backend == "native"
                                    and rc.summarizer in ("policy", "native"))
     actor = RCActor(cfg, rollout, summarizer, tokenizer, summarizer_tok, prompts, reward_fn, use_jit, log)
@@ -282,70 +280,51 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn, run_dir, problems_p
         return {"step": s, "state": rcs.state_to_json(st), "metrics": m}
 
     buffer = extra.get("rc_buffer")
-    writer = metrics_lib.MetricsWriter(run_dir, start_step=start)
-    rc_log = paths.AppendFile(run_dir / "rc_states.jsonl")
-    bar = None
-    if tc.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.steps, initial=start, desc="rc", unit="step", dynamic_ncols=True)
-    log_fn = bar.write if bar is not None else log
+    rc_log = run.closing(paths.AppendFile(run_dir / "rc_states.jsonl"))
     history: dict[int, dict] = {}
     records: list[dict] = []
-    preempted = False
-    try:
-        with driver.Preemption() as preemption:
-            for s in range(start, tc.steps):
-                if buffer is None or buffer["step"] != s:
-                    buffer = act(s)
-                st = rcs.state_from_json(buffer["state"])
-                state_prompts, recs = actor.state_prompts(st, s)
-                pipe = pipeline.RolloutPipeline(rollout, state_prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
-                try:
-                    batch = pipe.launch(list(range(len(state_prompts))), s).result()
-                finally:
-                    pipe.close()
-                m = dict(buffer["metrics"])
-                m |= loop.rollout_metrics(batch.groups)
-                m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
-                m |= trainer.train_on_groups(batch.groups)
-                driver.check_finite(s + 1, m, trainer.ckpt.latest_step)  # before any refit or save
-                m["refit_s"] = trainer.refit(rollout)
-                step = s + 1
-                buffer = act(step) if step < tc.steps else None   # next step's states, with the weights it trains from
-                counters["steps"] += 1
-                counters["completions"] += int(m["completions"])
-                counters["rc_states_trained"] += len(state_prompts)
-                if grader is not None:
-                    m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
-                history[step] = m
-                records += recs
-                rc_log.write("".join(json.dumps(r) + "\n" for r in recs))
-                rc_log.flush()
-                if step % tc.log_every == 0 or step == tc.steps:
-                    writer.write(step, m)
-                    log_fn(loop.format_rl_metrics(step, m))
-                if bar is not None:
-                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
-                    bar.update(1)
-                preempted = preemption.requested()
-                trainer.save_step(step, sampler.state(), lambda: {
-                    "version": step, "counters": dict(counters), "rc_buffer": buffer,
-                    "data_stats": dataclasses.asdict(data_stats)}, grader=grader, force=step == tc.steps or preempted)
-                if preempted:
-                    log_fn(driver.resume_message(step, preemption.signal))
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-        trainer.close()
-        writer.close()
-        rc_log.close()
-        for r in {id(rollout): rollout, id(summarizer): summarizer}.values():
-            if hasattr(r, "close"):
-                r.close()
-    if tc.export_hf and not preempted:
+    run.begin(start)
+    for s in range(start, tc.steps):
+        if buffer is None or buffer["step"] != s:
+            buffer = act(s)
+        st = rcs.state_from_json(buffer["state"])
+        state_prompts, recs = actor.state_prompts(st, s)
+        pipe = pipeline.RolloutPipeline(rollout, state_prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
+        try:
+            batch = pipe.launch(list(range(len(state_prompts))), s).result()
+        finally:
+            pipe.close()
+        m = dict(buffer["metrics"])
+        m |= loop.rollout_metrics(batch.groups)
+        m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
+        m |= trainer.train_on_groups(batch.groups)
+        driver.check_finite(s + 1, m, trainer.ckpt.latest_step)  # before any refit or save
+        m["refit_s"] = trainer.refit(rollout)
+        step = s + 1
+        buffer = act(step) if step < tc.steps else None   # next step's states, with the weights it trains from
+        counters["steps"] += 1
+        counters["completions"] += int(m["completions"])
+        counters["rc_states_trained"] += len(state_prompts)
+        if grader is not None:
+            m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
+        history[step] = m
+        records += recs
+        rc_log.write("".join(json.dumps(r) + "\n" for r in recs))
+        rc_log.flush()
+        stopping = run.stop_requested()
+        if run.log_due(step, stopping):
+            run.record(step, m, loop.format_rl_metrics(step, m))
+        run.progress(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
+        trainer.save_step(step, sampler.state(), lambda: {
+            "version": step, "counters": dict(counters), "rc_buffer": buffer,
+            "data_stats": dataclasses.asdict(data_stats)}, grader=grader, force=step == tc.steps or stopping)
+        if stopping:
+            run.stopped(step)
+            break
+    run.close()
+    if tc.export_hf and not run.preempted:
         sft.export_hf(cfg, model_cfg, trainer.state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "metrics": history, "run_dir": str(run_dir),
             "counters": dict(counters), "state": trainer.state, "records": records, "sampler": sampler.state(),
-            "preempted": preempted}
+            "preempted": run.preempted}
 

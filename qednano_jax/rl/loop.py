@@ -37,7 +37,6 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from qednano_jax import paths
 from qednano_jax.config import Config, ConfigError, ModelConfig
 from qednano_jax.data import rl as rl_data
 from qednano_jax.model import qwen3
@@ -46,7 +45,6 @@ from qednano_jax.rl.batch import Batch, Group, filter_stale, weight_lag
 from qednano_jax.rl.pipeline import RewardFn, RolloutPipeline, _done, grader_reward_fn
 from qednano_jax.rl.trainer import RLTrainer
 from qednano_jax.train import driver
-from qednano_jax.train import metrics as metrics_lib
 from qednano_jax.train import sft
 
 
@@ -94,7 +92,7 @@ def make_reward_fn(cfg: Config, model_cfg: ModelConfig, tokenizer, log) -> tuple
     return grader_reward_fn(grader), grader
 
 
-def follow(cfg: Config, trainer: RLTrainer, log: Callable[[str], None]) -> dict:
+def follow(cfg: Config, trainer: RLTrainer, run: driver.Run) -> dict:
     """The loop of processes 1..n-1 of a multi-host RL or RC run (docs/design.md principle 6: multi-controller JAX).
 
     Process 0 alone talks to the rollout servers (or runs the native engine on its own devices) and the grader,
@@ -108,23 +106,22 @@ def follow(cfg: Config, trainer: RLTrainer, log: Callable[[str], None]) -> dict:
         trainer.rollout_placement()
     else:
         trainer.refit(None)
-    preempted = False
-    try:
-        with driver.Preemption() as preemption:
-            for s in range(start, tc.steps):
-                m = trainer.train_on_batch(None)
-                driver.check_finite(s + 1, m, trainer.ckpt.latest_step)
-                trainer.refit(None)
-                step = s + 1
-                preempted = preemption.requested()
-                trainer.save_step(step, None, dict, force=step == tc.steps or preempted)
-                if preempted:
-                    break
-    finally:
-        trainer.close()
-    if tc.export_hf and not preempted:
-        sft.export_hf(cfg, trainer.model_cfg, trainer.state.params, paths.resolve(tc.run_dir) / "hf", log)
-    return {"start_step": start, "steps": tc.steps, "metrics": {}, "state": trainer.state, "preempted": preempted}
+    run.begin(start)
+    for s in range(start, tc.steps):
+        m = trainer.train_on_batch(None)
+        driver.check_finite(s + 1, m, trainer.ckpt.latest_step)
+        trainer.refit(None)
+        step = s + 1
+        stop = run.stop_requested()
+        trainer.save_step(step, None, dict, force=step == tc.steps or stop)
+        if stop:
+            run.preempted = True
+            break
+    run.close()
+    if tc.export_hf and not run.preempted:
+        sft.export_hf(cfg, trainer.model_cfg, trainer.state.params, run.run_dir / "hf", run.log)
+    return {"start_step": start, "steps": tc.steps, "metrics": {}, "state": trainer.state,
+            "preempted": run.preempted}
 
 
 def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn | None = None) -> dict:
@@ -132,13 +129,9 @@ def run(cfg: Config, log: Callable[[str], None] = print, *, reward_fn: RewardFn 
     in tests). Returns {start_step, steps, metrics: {step: {...}}, run_dir, counters, state}."""
     if cfg.stage != "rl":
         raise ConfigError(f"stage: the RL loop got stage {cfg.stage!r}")
-    run_dir = paths.resolve(cfg.train.run_dir)
     inputs = load_inputs(cfg, log)  # checked before the run dir is touched
-    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=jax.process_index() == 0)
-    try:
-        return _run(cfg, log, reward_fn, run_dir, inputs)
-    finally:
-        lock.release()
+    with driver.Run(cfg, "rl", log) as run:
+        return _run(cfg, run, reward_fn, inputs)
 
 
 def load_inputs(cfg: Config, log: Callable[[str], None]) -> tuple | None:
@@ -160,15 +153,15 @@ def load_inputs(cfg: Config, log: Callable[[str], None]) -> tuple | None:
     return tokenizer, prompts, data_stats
 
 
-def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, run_dir, inputs) -> dict:
+def _run(cfg: Config, run: driver.Run, reward_fn: RewardFn | None, inputs) -> dict:
     from qednano_jax.rollout import make_rollout
 
-    tc, rl = cfg.train, cfg.rl
-    trainer = RLTrainer(cfg, log=log)
+    tc, rl, run_dir, log = cfg.train, cfg.rl, run.run_dir, run.log
+    trainer = run.closing(RLTrainer(cfg, log=log))
     model_cfg = trainer.model_cfg
     if jax.process_index() != 0:
         trainer.init_or_restore()
-        return follow(cfg, trainer, log)
+        return follow(cfg, trainer, run)
     tokenizer, prompts, data_stats = inputs
     (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
     sampler = rl_data.PromptSampler(len(prompts), cfg.data.shuffle_seed)
@@ -187,82 +180,65 @@ def _run(cfg: Config, log: Callable[[str], None], reward_fn: RewardFn | None, ru
         if "grader_stats" in extra:
             grader.stats = GraderStats(**extra["grader_stats"])
     placed, r_mesh, r_rules = trainer.rollout_placement() if cfg.rollout.backend == "native" else (None, None, None)
-    rollout = make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=r_mesh, rules=r_rules, version=str(start))
+    rollout = run.closing(make_rollout(cfg.rollout, model_cfg, placed, tokenizer, mesh=r_mesh, rules=r_rules,
+                                       version=str(start)))
     if cfg.rollout.backend != "native":  # the servers hold weights of unknown age: push ours first
         t0 = time.perf_counter()
         trainer.refit(rollout)
         log(f"rollout servers refitted to weight version {start} ({time.perf_counter() - t0:.1f}s)")
-    stop = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
-    pipe = RolloutPipeline(rollout, prompts, reward_fn, tokenizer, rl, stop_token_ids=stop)
+    stop_ids = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+    pipe = run.closing(RolloutPipeline(rollout, prompts, reward_fn, tokenizer, rl, stop_token_ids=stop_ids))
     buffer: collections.deque = collections.deque(_done(Batch.from_json(b)) for b in extra.get("buffer", []))
 
-    writer = metrics_lib.MetricsWriter(run_dir, start_step=start)
-    bar = None
-    if tc.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.steps, initial=start, desc="rl", unit="step", dynamic_ncols=True)
-    log_fn = bar.write if bar is not None else log
     history: dict[int, dict] = {}
-    preempted = False
 
     def launch() -> concurrent.futures.Future:
         positions = sampler.next(rl.prompts_per_step)
         return pipe.launch(positions, sampler.batches - 1)
 
-    try:
-        with driver.Preemption() as preemption:
-            for s in range(start, tc.steps):
-                while len(buffer) < rl.max_lag + 1:
-                    buffer.append(launch())
-                batch = buffer.popleft().result()
-                groups, stale = filter_stale(batch.groups, s, rl.max_lag)
-                while not groups:  # every group too old (a generator missed refits): sample afresh, current weights
-                    counters["stale_groups"] += stale
-                    log_fn(f"step {s + 1}: all {stale} groups of batch {batch.index} were stale; generating a new "
-                           "batch")
-                    batch = launch().result()
-                    groups, stale = filter_stale(batch.groups, s, rl.max_lag)
-                counters["stale_groups"] += stale
-                m = rollout_metrics(groups)
-                m["stale_groups"] = float(stale)
-                lags = [weight_lag(c, s) for g in groups for c in g.completions]
-                m["weight_lag_mean"] = float(np.mean(lags))
-                m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
-                m |= trainer.train_on_groups(groups)
-                driver.check_finite(s + 1, m, trainer.ckpt.latest_step)  # before any refit or save
-                for f in buffer:  # rollouts of later steps finish with the weights they started with
-                    f.result()
-                m["refit_s"] = trainer.refit(rollout)
-                counters["steps"] += 1
-                counters["completions"] += int(m["completions"])
-                counters["batches_trained"] += 1
-                step = s + 1
-                if grader is not None:
-                    m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
-                m["stale_groups_total"] = float(counters["stale_groups"])
-                history[step] = m
-                if step % tc.log_every == 0 or step == tc.steps:
-                    writer.write(step, m)
-                    log_fn(format_rl_metrics(step, m))
-                if bar is not None:
-                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
-                    bar.update(1)
-                preempted = preemption.requested()
-                trainer.save_step(step, sampler.state(), lambda: {
-                    "version": step, "counters": dict(counters), "buffer": [f.result().to_json() for f in buffer],
-                    "data_stats": dataclasses.asdict(data_stats)}, grader=grader, force=step == tc.steps or preempted)
-                if preempted:
-                    log_fn(driver.resume_message(step, preemption.signal))
-                    break
-    finally:
-        pipe.close()
-        if bar is not None:
-            bar.close()
-        trainer.close()
-        writer.close()
-        if hasattr(rollout, "close"):
-            rollout.close()
-    if tc.export_hf and not preempted:
+    run.begin(start)
+    for s in range(start, tc.steps):
+        while len(buffer) < rl.max_lag + 1:
+            buffer.append(launch())
+        batch = buffer.popleft().result()
+        groups, stale = filter_stale(batch.groups, s, rl.max_lag)
+        while not groups:  # every group too old (a generator missed refits): sample afresh, current weights
+            counters["stale_groups"] += stale
+            run.log(f"step {s + 1}: all {stale} groups of batch {batch.index} were stale; generating a new batch")
+            batch = launch().result()
+            groups, stale = filter_stale(batch.groups, s, rl.max_lag)
+        counters["stale_groups"] += stale
+        m = rollout_metrics(groups)
+        m["stale_groups"] = float(stale)
+        lags = [weight_lag(c, s) for g in groups for c in g.completions]
+        m["weight_lag_mean"] = float(np.mean(lags))
+        m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_s, 1e-9)
+        m |= trainer.train_on_groups(groups)
+        driver.check_finite(s + 1, m, trainer.ckpt.latest_step)  # before any refit or save
+        for f in buffer:  # rollouts of later steps finish with the weights they started with
+            f.result()
+        m["refit_s"] = trainer.refit(rollout)
+        counters["steps"] += 1
+        counters["completions"] += int(m["completions"])
+        counters["batches_trained"] += 1
+        step = s + 1
+        if grader is not None:
+            m |= {f"grader_total_{k}": float(v) for k, v in dataclasses.asdict(grader.stats).items()}
+        m["stale_groups_total"] = float(counters["stale_groups"])
+        history[step] = m
+        stop = run.stop_requested()
+        if run.log_due(step, stop):
+            run.record(step, m, format_rl_metrics(step, m))
+        run.progress(reward=f"{m['reward_mean']:.3f}", loss=f"{m['loss']:.4g}")
+        trainer.save_step(step, sampler.state(), lambda: {
+            "version": step, "counters": dict(counters), "buffer": [f.result().to_json() for f in buffer],
+            "data_stats": dataclasses.asdict(data_stats)}, grader=grader, force=step == tc.steps or stop)
+        if stop:
+            run.stopped(step)
+            break
+    run.close()
+    if tc.export_hf and not run.preempted:
         sft.export_hf(cfg, model_cfg, trainer.state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "metrics": history, "run_dir": str(run_dir),
-            "counters": dict(counters), "state": trainer.state, "sampler": sampler.state(), "preempted": preempted}
+            "counters": dict(counters), "state": trainer.state, "sampler": sampler.state(),
+            "preempted": run.preempted}

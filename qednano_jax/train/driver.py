@@ -1,6 +1,8 @@
-"""What every stage's loop shares around its steps (docs/design.md principle 6): the run-dir lock, the resume check of
-the saved config, preemption (SIGTERM / SIGINT: finish the step, save, exit 0), the non-finite guard and atomic
-HF exports. The SFT, RL and RC loops call these; the math stays in train/step.py.
+"""The run driver: what every stage's loop shares around its steps (docs/design.md principle 6). `Run` is the one
+object each loop (SFT, RL, RC, and the other processes of a multi-host RL / RC job) runs inside: it holds the run-dir
+lock and the resume check of the saved config, the metrics outputs (stdout, metrics.jsonl, TensorBoard, tqdm) with
+one cadence rule, preemption (SIGTERM / SIGINT: finish the step, save, exit 0), and closes everything the loop
+registers whatever happens. Beside it: the non-finite guard and atomic HF exports. The math stays in train/step.py.
 
     lock      run_dir/.lock holds {host, pid, heartbeat}: a second job on the same run dir is refused naming the
               holder; a lock whose process is gone (same host) or whose heartbeat is older than LOCK_STALE_S (a
@@ -19,6 +21,7 @@ HF exports. The SFT, RL and RC loops call these; the math stays in train/step.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -174,6 +177,97 @@ def open_run(cfg: Config, has_checkpoint: bool, *, is_main: bool = True) -> RunL
         lock.release()
         raise
     return lock
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+class Run:
+    """One run of a stage, the same for SFT, RL and RC (and the other processes of a multi-host job):
+
+        with driver.Run(cfg, "rl", log) as run:   # the lock and the resume check (open_run); nothing else written
+            ...                                   # restore or initialise; run.closing(x) for what must be closed
+            run.begin(start)                      # metrics (jsonl + TensorBoard), tqdm, SIGTERM / SIGINT handlers
+            for s in range(start, steps):
+                ...                               # the step
+                stop = run.stop_requested()       # any host signalled? (a collective: every host, every step)
+                if run.log_due(step, stop):
+                    run.record(step, metrics, line)
+                ...                               # save, force=stop
+                run.progress(**postfix)
+                if stop:
+                    run.stopped(step)             # prints how to resume; run.preempted is True
+                    break
+            run.close()                           # before the final export
+            ...                                   # final export unless run.preempted
+
+    Leaving the block any way closes what is still open (handlers, bar, writer, every `closing` resource, last
+    registered first) and releases the lock, so an exception never leaves an async checkpoint save unfinished or a
+    stale lock. Only process 0 holds the lock, writes metrics and draws the bar.
+    """
+
+    def __init__(self, cfg: Config, desc: str, log: Callable[[str], None] = print):
+        import jax
+        self.cfg, self.desc, self._print = cfg, desc, log
+        self.is_main = jax.process_index() == 0
+        self.run_dir = paths.resolve(cfg.train.run_dir)
+        self.preempted = False
+        self.writer = self.bar = self._preemption = None
+        self._open = contextlib.ExitStack()
+
+    def __enter__(self) -> "Run":
+        self.lock = open_run(self.cfg, has_checkpoint(self.run_dir), is_main=self.is_main)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self.close()
+        finally:
+            self.lock.release()
+        return False
+
+    def closing(self, resource: Any) -> Any:
+        """Close `resource` (anything with .close) when the run closes; returns it."""
+        if hasattr(resource, "close"):
+            self._open.callback(resource.close)
+        return resource
+
+    def begin(self, start: int) -> None:
+        """The steps after `start` follow: open the metrics (dropping lines of later steps), the bar, the handlers."""
+        from qednano_jax.train.metrics import MetricsWriter
+        self.writer = self.closing(MetricsWriter(self.run_dir, enabled=self.is_main, start_step=start))
+        if self.is_main and self.cfg.train.progress:
+            from tqdm import tqdm
+            self.bar = self.closing(tqdm(total=self.cfg.train.steps, initial=start, desc=self.desc, unit="step",
+                                         dynamic_ncols=True))
+        self._preemption = self._open.enter_context(Preemption())
+
+    def log(self, line: str) -> None:
+        (self.bar.write if self.bar is not None else self._print)(line)
+
+    def stop_requested(self) -> bool:
+        return self._preemption.requested()
+
+    def log_due(self, step: int, stopping: bool = False) -> bool:
+        """The one cadence of metrics: every train.log_every steps, the last step and the step a run stops at."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or stopping
+
+    def record(self, step: int, metrics: dict, line: str) -> None:
+        self.writer.write(step, metrics)
+        self.log(line)
+
+    def progress(self, **postfix: str) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(**postfix)
+            self.bar.update(1)
+
+    def stopped(self, step: int) -> None:
+        self.preempted = True
+        self.log(resume_message(step, self._preemption.signal))
+
+    def close(self) -> None:
+        self._open.close()
+        self.bar = None
 
 
 # ----------------------------------------------------------------------------------------------- preemption

@@ -90,7 +90,6 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if cfg.stage != "sft":
         raise ConfigError(f"stage: the SFT loop got stage {cfg.stage!r}")
     tc = cfg.train
-    is_main = jax.process_index() == 0
     n_hosts = jax.process_count()
     if tc.batch_size % n_hosts:
         raise ConfigError(f"train.batch_size: {tc.batch_size} rows do not split over {n_hosts} hosts")
@@ -98,22 +97,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         raise ConfigError(f"train.micro_batches: {tc.micro_batches} must divide train.batch_size {tc.batch_size}")
     if tc.batch_examples % n_hosts:
         raise ConfigError(f"train.batch_examples: {tc.batch_examples} examples do not split over {n_hosts} hosts")
-    run_dir = paths.resolve(tc.run_dir)
     mesh, rules = mesh_and_rules(cfg)
     # every input is checked before the run dir is touched: the checkpoint to start from, the data
     model_cfg = model_config(cfg)
     ds, stats = sft_data.sft_batches(cfg.data, batch_rows=tc.batch_size // n_hosts,
                                      process_index=jax.process_index(), process_count=n_hosts,
                                      batch_examples=tc.batch_examples // n_hosts, log=log)
-    lock = driver.open_run(cfg, driver.has_checkpoint(run_dir), is_main=is_main)
-    try:
-        return _run(cfg, log, run_dir, mesh, rules, model_cfg, ds, stats)
-    finally:
-        lock.release()
+    with driver.Run(cfg, "sft", log) as run:
+        return _run(cfg, run, mesh, rules, model_cfg, ds, stats)
 
 
-def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules, model_cfg, ds, stats) -> dict:
-    tc = cfg.train
+def _run(cfg: Config, run: driver.Run, mesh, rules, model_cfg, ds, stats) -> dict:
+    tc, run_dir, log = cfg.train, run.run_dir, run.log
     is_main = jax.process_index() == 0
     n_hosts = jax.process_count()
     optimizer = optim.make_optimizer(cfg.optim, tc.steps)
@@ -124,8 +119,8 @@ def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules, model_cf
         (run_dir / "data_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=1))
     data_iter = iter(ds)
 
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                                 async_save=cfg.checkpoint.async_save)
+    ckpt = run.closing(ckpt_lib.Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
+                                             keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save))
     start = ckpt.latest_step()
     if start is not None:
         abstract = jax.eval_shape(lambda: step_lib.TrainState(
@@ -152,62 +147,45 @@ def _run(cfg: Config, log: Callable[[str], None], run_dir, mesh, rules, model_cf
                                           rules=rules, state_sh=st_sh, batch_sh=b_sh)
     count = jax.jit(lambda m: jnp.sum(m.astype(jnp.float32)), out_shardings=b_sh["denominator"])
     flops_per_token = metrics_lib.train_flops_per_token(model_cfg, cfg.data.seq_len)
-    writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main, start_step=start)
-    bar = None
-    if is_main and tc.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
-    log_fn = bar.write if bar is not None else log
-
     # audit trail: which examples (dataset row indices) each step consumed on this host
-    consumed_log = paths.AppendFile(run_dir / f"consumed.process_{jax.process_index()}.jsonl")
+    consumed_log = run.closing(paths.AppendFile(run_dir / f"consumed.process_{jax.process_index()}.jsonl"))
     losses: dict[int, float] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
-    preempted = False
-    try:
-        with driver.Preemption() as preemption:
-            for i in range(start, tc.steps):
-                local = next(data_iter)
-                micro = step_lib.split_micro({k: local[k] for k in keys}, tc.micro_batches)
-                batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
-                batch["denominator"] = count(batch["loss_mask"])
-                state, m = train_step(state, batch)
-                step = i + 1
-                driver.check_finite(step, jax.device_get({k: m[k] for k in ("finite", "loss", "grad_norm")}),
-                                    ckpt.latest_step)
-                consumed_log.write(json.dumps({"step": step, "ids": sft_data.consumed_ids([local])}) + "\n")
-                consumed_log.flush()
-                tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts
-                preempted = preemption.requested()
-                if step % tc.log_every == 0 or step == tc.steps or preempted:
-                    m = {k: float(v) for k, v in jax.device_get(m).items()}
-                    now = time.perf_counter()
-                    m["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    if tc.peak_flops > 0:
-                        m["mfu"] = m["tokens_per_s"] * flops_per_token / (tc.peak_flops * jax.device_count())
-                    t_last, tokens_since = now, 0.0
-                    losses[step] = m["loss"]
-                    writer.write(step, m)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                    log_fn(metrics_lib.format_metrics(step, m))
-                if bar is not None:
-                    bar.update(1)
-                saved = ckpt.save(step, state.to_dict(), data_state=data_iter.get_state(),
-                                  extra={"data_stats": dataclasses.asdict(stats)},
-                                  force=step == tc.steps or preempted)
-                if saved and cfg.checkpoint.export_hf_each:
-                    export_hf(cfg, model_cfg, state.params, run_dir / f"hf-step-{step}", log_fn)
-                if preempted:
-                    log_fn(driver.resume_message(step, preemption.signal))
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        writer.close()
-        consumed_log.close()
-    if tc.export_hf and not preempted:
+    run.begin(start)
+    for i in range(start, tc.steps):
+        local = next(data_iter)
+        micro = step_lib.split_micro({k: local[k] for k in keys}, tc.micro_batches)
+        batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
+        batch["denominator"] = count(batch["loss_mask"])
+        state, m = train_step(state, batch)
+        step = i + 1
+        driver.check_finite(step, jax.device_get({k: m[k] for k in ("finite", "loss", "grad_norm")}),
+                            ckpt.latest_step)
+        consumed_log.write(json.dumps({"step": step, "ids": sft_data.consumed_ids([local])}) + "\n")
+        consumed_log.flush()
+        tokens_since += float((local["segment_ids"] > 0).sum()) * n_hosts
+        stop = run.stop_requested()
+        if run.log_due(step, stop):
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            now = time.perf_counter()
+            m["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            if tc.peak_flops > 0:
+                m["mfu"] = m["tokens_per_s"] * flops_per_token / (tc.peak_flops * jax.device_count())
+            t_last, tokens_since = now, 0.0
+            losses[step] = m["loss"]
+            run.record(step, m, metrics_lib.format_metrics(step, m))
+            run.progress(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        else:
+            run.progress()
+        saved = ckpt.save(step, state.to_dict(), data_state=data_iter.get_state(),
+                          extra={"data_stats": dataclasses.asdict(stats)}, force=step == tc.steps or stop)
+        if saved and cfg.checkpoint.export_hf_each:
+            export_hf(cfg, model_cfg, state.params, run_dir / f"hf-step-{step}", run.log)
+        if stop:
+            run.stopped(step)
+            break
+    run.close()
+    if tc.export_hf and not run.preempted:
         export_hf(cfg, model_cfg, state.params, run_dir / "hf", log)
     return {"start_step": start, "steps": tc.steps, "losses": losses, "data_stats": dataclasses.asdict(stats),
-            "run_dir": str(run_dir), "state": state, "preempted": preempted}
+            "run_dir": str(run_dir), "state": state, "preempted": run.preempted}

@@ -22,6 +22,33 @@ def _cfg(run_dir, *extra):
     return load_config(None, [f"train.run_dir={run_dir}", *extra])
 
 
+def test_run_closes_what_the_loop_registered_and_releases_the_lock_when_the_loop_raises(tmp_path):
+    import signal
+    cfg = _cfg(tmp_path, "train.progress=false", "train.log_every=3", "train.steps=10")
+    closed, before = [], signal.getsignal(signal.SIGTERM)
+
+    class Resource:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with driver.Run(cfg, "sft") as run:
+            run.closing(Resource("checkpointer"))
+            run.closing(Resource("log file"))
+            run.begin(0)
+            assert signal.getsignal(signal.SIGTERM) != before  # the preemption handler is in place
+            assert [s for s in range(1, 11) if run.log_due(s)] == [3, 6, 9, 10] and run.log_due(4, stopping=True)
+            run.record(3, {"loss": 1.5}, "step 3")
+            raise RuntimeError("boom")
+    assert closed == ["log file", "checkpointer"]  # last registered first
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]
+    driver.open_run(cfg, False).release()  # the lock was released: a new job takes the run dir
+
+
 def _fake_checkpoint(run_dir):
     (run_dir / "checkpoints" / "4").mkdir(parents=True)
 
