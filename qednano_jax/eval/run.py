@@ -304,6 +304,12 @@ def _done(value: Any) -> cf.Future:
 
 # ----------------------------------------------------------------------------------------------- the whole eval
 
+def check_checkpoint(ckpt: str) -> str:
+    if ckpt != "random" and not (Path(ckpt) / "config.json").is_file():
+        raise ConfigError(f"eval.checkpoint: {ckpt!r} is neither `random` nor an HF checkpoint dir (no config.json)")
+    return ckpt
+
+
 def load_policy(cfg: Any) -> tuple[Any, Any, Any]:
     """(model config, params or None, tokenizer) for `cfg.eval.checkpoint` on `cfg.rollout.backend`."""
     import jax
@@ -313,9 +319,7 @@ def load_policy(cfg: Any) -> tuple[Any, Any, Any]:
     from qednano_jax.model import qwen3
 
     ecfg = cfg.eval
-    ckpt = ecfg.checkpoint
-    if ckpt != "random" and not (Path(ckpt) / "config.json").is_file():
-        raise ConfigError(f"eval.checkpoint: {ckpt!r} is neither `random` nor an HF checkpoint dir (no config.json)")
+    ckpt = check_checkpoint(ecfg.checkpoint)
     tok_name = ecfg.tokenizer or (QWEN3 if ckpt == "random" else ckpt)
     try:
         tokenizer = load_tokenizer(tok_name)
@@ -375,6 +379,7 @@ def run_eval(cfg: Any, log: Callable[[str], None] = print) -> report.Summary:
     if cfg.grader.backend == "answer" and fmt.kind != "answer":
         raise ConfigError(f"grader.backend: `answer` checks final answers, but eval.benchmark {ecfg.benchmark} is "
                           "graded as proofs: use grader.backend openai or native")
+    check_checkpoint(ecfg.checkpoint)  # local, before the benchmark rows (which may come from the hub)
     problems = benchmarks.load_benchmark(fmt, ecfg.source, ecfg.split, ecfg.limit, ecfg.columns)
     out_dir = Path(ecfg.out_dir)
     check_meta(out_dir, cfg)  # before anything is written
