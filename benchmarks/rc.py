@@ -29,7 +29,7 @@ import numpy as np
 from qednano_jax.config import ModelConfig
 from qednano_jax.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 from qednano_jax.model import qwen3
-from qednano_jax.rc import cycle, state as rcs, testtime as tt
+from qednano_jax.rc import cycle, prompts, state as rcs
 from qednano_jax.rollout.base import SamplingParams
 from qednano_jax.rollout.native import NativeRollout
 import machine  # benchmarks/machine.py (this script's folder is on sys.path)
@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="rc-bench-"))
-    tok_dir = train_tiny_tokenizer([tt.SOLVE_PROMPT, tt.SUMMARY_PROMPT, *_problems(64)] * 4, tmp / "tok", 512)
+    tok_dir = train_tiny_tokenizer([prompts.SOLVE_PROMPT, prompts.SUMMARY_PROMPT, *_problems(64)] * 4, tmp / "tok", 512)
     tok = load_tokenizer(tok_dir)
     cfg = ModelConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                       num_layers=args.layers, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
