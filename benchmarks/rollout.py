@@ -1,6 +1,7 @@
 """Rollout throughput and refit cost, side by side in one run (issue 4 targets).
 
     .venv/bin/python benchmarks/rollout.py [--size small|tiny] [--prompts 32] [--new-tokens 128] [--sglang-busy-poll]
+    .venv/bin/python benchmarks/rollout.py --prompts 8 --new-tokens 2048      # the long-generation shape
 
 Generated tokens/s for `--prompts` prompts x `--new-tokens` greedy tokens on one random Qwen3 checkpoint (a 512-token
 BPE vocabulary trained here) for: the native engine (in process), `python -m qednano_jax.serve` over HTTP,
@@ -47,10 +48,10 @@ CORPUS = [f"Let n = {i}. Then n^2 = {i * i}, and n + {j} = {i + j}." for i in ra
     "Hence |a + b| <= |a| + |b|, which completes the proof.", "Therefore x is divisible by 3. QED."] * 5
 
 
-def build_checkpoint(root: Path, size: str) -> tuple[ModelConfig, dict, Path]:
+def build_checkpoint(root: Path, size: str, positions: int = 2048) -> tuple[ModelConfig, dict, Path]:
     tok_dir = train_tiny_tokenizer(CORPUS, root / "tokenizer", vocab_size=512)
     tok = load_tokenizer(tok_dir)
-    cfg = ModelConfig(vocab_size=len(tok), initializer_range=0.1, max_position_embeddings=2048,
+    cfg = ModelConfig(vocab_size=len(tok), initializer_range=0.1, max_position_embeddings=positions,
                       bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), **SIZES[size])
     params = qwen3.init_params(cfg, jax.random.key(0))
@@ -142,7 +143,8 @@ def main() -> None:
                          "--sleep-on-idle, as the tests run it; on a 2-core machine the busy poller slows the client)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-    cfg, params, model_dir = build_checkpoint(root, args.size)
+    positions = max(2048, 1 << (args.new_tokens + 64 - 1).bit_length())  # prompt + generation must fit
+    cfg, params, model_dir = build_checkpoint(root, args.size, positions)
     tok = load_tokenizer(model_dir)
     prompts = make_prompts(tok, args.prompts)
     print(f"checkpoint {args.size}: {qwen3.count_params(params) / 1e6:.1f}M params, {args.prompts} prompts x "
@@ -173,7 +175,8 @@ def main() -> None:
         servers.append(("SGLang CPU (HTTP)", env_cmd + [f"{venv}/bin/python", "-m", "sglang.launch_server",
                                                         "--model-path", str(model_dir), "--device", "cpu",
                                                         "--host", "127.0.0.1", "--port", str(args.port + 1),
-                                                        "--max-total-tokens", "16384", "--dtype", "float32"]
+                                                        "--max-total-tokens",
+                                                        str(max(16384, args.prompts * positions)), "--dtype", "float32"]
                         + ([] if args.sglang_busy_poll else ["--sleep-on-idle"])))
     else:
         print("  SGLang CPU: skipped (QEDNANO_SGLANG_VENV unset)")

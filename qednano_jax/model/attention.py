@@ -83,6 +83,36 @@ def attend(q_bthe, k_bske, v_bske, mask_bts, kv_major: bool = False):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
+def attend_blocks(q_bthe, k_lbkse, v_lbkse, layer, limit_bt, block: int):
+    """`attend` of q over layer `layer` of a KV cache [layers, b, kv_heads, slots, e], a query seeing the slots
+    <= its `limit_bt`, read in blocks of `block` slots up to the highest limit (online softmax across blocks).
+
+    Only the filled part of the cache is read, one block at a time: a block is a small copy that stays in cache,
+    where slicing the whole filled prefix at once is a copy of it through memory. slots % block == 0."""
+    b, t, h, e = q_bthe.shape
+    kh = k_lbkse.shape[2]
+    q = q_bthe.reshape(b, t, kh, h // kh, e).transpose(0, 2, 3, 1, 4).astype(jnp.float32) * (e ** -0.5)
+    read = lambda c, j: jax.lax.dynamic_slice(c, (layer, 0, 0, j * block, 0), (1, b, kh, block, e))[0]
+
+    def body(j, carry):
+        m, l, acc = carry
+        s = jnp.einsum("bkgte,bkse->bkgts", q, read(k_lbkse, j), preferred_element_type=jnp.float32)
+        seen = (j * block + jnp.arange(block))[None, None, :] <= limit_bt[:, :, None]
+        s = jnp.where(seen[:, None, None], s, NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        scale = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bkse->bkgte", p.astype(v_lbkse.dtype), read(v_lbkse, j),
+                        preferred_element_type=jnp.float32)
+        return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
+
+    shape = (b, kh, h // kh, t)
+    init = (jnp.full(shape, NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, e), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, jnp.max(limit_bt) // block + 1, body, init)
+    out = (acc / l[..., None]).astype(q_bthe.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+
+
 def mask(keys: int, limit_bt, seg):
     """[b, t, keys]: query i sees key j iff j <= limit[i] and (packed rows) it is in the same segment."""
     m = jnp.arange(keys)[None, None, :] <= limit_bt[:, :, None]

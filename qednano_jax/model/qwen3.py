@@ -128,11 +128,10 @@ def rope(x_bthe: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_bthe.dtype)
 
 
-def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_write=None):
-    """One decoder layer; `seg` as in model.attention. `kv_write(k, v) -> (keys, values)` stores new k/v in a cache
-    and returns what to attend, KV-head-major [b, kv_heads, slots, e] (the cache in one block, each query seeing
-    the slots <= its `limit_bt`);
-    without it the layer runs the full forward's causal attention (`limit_bt` unused)."""
+def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, seg, kv_attend=None):
+    """One decoder layer; `seg` as in model.attention. `kv_attend(q, k, v) -> a` stores the new k/v in a KV cache
+    and returns the attention of q over it ([b, t, heads, e]); without it the layer runs the full forward's causal
+    attention."""
     dt = jnp.dtype(cfg.dtype)
     w = lambda name: lp[name].astype(dt)
     h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
@@ -143,12 +142,7 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, limit_bt, seg, kv_
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     q = rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
-    if kv_write is not None:
-        k, v = kv_write(k, v)
-    if kv_write is not None:  # decode / prefill against the whole cache: one block
-        a = attention.attend(q, k, v, attention.mask(k.shape[2], limit_bt, seg), kv_major=True)
-    else:
-        a = _self_attention(cfg, q, k, v, seg)
+    a = _self_attention(cfg, q, k, v, seg) if kv_attend is None else kv_attend(q, k, v)
     o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
     x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -227,7 +221,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jax.Array, *, positi
     seg = None if segment_ids is None else (segment_ids, segment_ids)
 
     def body(x, lp):
-        return _layer(cfg, lp, x, positions, None, seg), None
+        return _layer(cfg, lp, x, positions, seg), None
 
     x, _ = jax.lax.scan(_maybe_remat(cfg, body), _embed(cfg, params, tokens), params["layers"])
     if n > 1:
@@ -290,28 +284,32 @@ def cache_axes() -> dict:
             "v": ("layers", "act_batch", "act_kv_heads", None, None)}
 
 
+DECODE_BLOCK = 128  # cache slots a decode step reads at a time (forward_cached)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    """Empty KV cache {k, v}: [layers, batch, kv_heads, max_len, head_dim] in the compute dtype. KV-head-major, so
-    each head's [slots, head_dim] block is contiguous and attention reads it without a transposed copy."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    """Empty KV cache {k, v}: [layers, batch, kv_heads, slots, head_dim] in the compute dtype, `max_len` rounded up
+    to whole decode blocks. KV-head-major, so each head's [slots, head_dim] block is contiguous and attention reads
+    it without a transposed copy."""
+    slots = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
-                   attend: int | None = None):
+                   attend: int | None = None, block: int = DECODE_BLOCK):
     """Prefill or decode step with a KV cache. Returns (final-norm hidden [b, t, d], new cache).
 
     Row r's tokens sit at cache slots `positions[r]` (contiguous: positions[r, 0] + arange(t)); a query at
-    position p attends to slots <= p, among the first `attend` slots (default: all; every position must be below
-    it). Prompts are right-padded: a padded tail writes junk slots beyond the prompt, which the decode steps
-    overwrite before any query can see them.
+    position p attends to slots <= p. Prompts are right-padded: a padded tail writes junk slots beyond the prompt,
+    which the decode steps overwrite before any query can see them.
 
     The cache rides in the layer scan's carry: layer i scatters its new k/v into slots of the [layers, ...] buffers
-    in place and reads back only its own layer's first `attend` slots, so a decode step neither copies the whole
-    cache nor attends over its unfilled tail (the caller picks `attend` from the filled length).
+    in place. With `attend` (prefill) the layer reads its first `attend` slots as one block; without it (decode)
+    it reads the cache in blocks of `block` slots (a divisor of the cache's slots) up to the batch's highest position
+    (`attention.attend_blocks`), so a step costs what the cache holds, not its capacity, in one compiled loop.
     """
     b, t = tokens.shape
-    n = cache["k"].shape[3] if attend is None else int(attend)
     rows = jnp.arange(b)[:, None]
 
     def body(carry, layer):
@@ -319,13 +317,16 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens: jax.Array, position
         lp, i = layer
         out = {}
 
-        def kv_write(k, v):
+        def kv_attend(q, k, v):
             out["k"] = ck.at[i, rows, :, positions].set(k.astype(ck.dtype))  # updates [b, t, kv_heads, e]
             out["v"] = cv.at[i, rows, :, positions].set(v.astype(cv.dtype))
-            read = lambda c: jax.lax.dynamic_slice(c, (i, 0, 0, 0, 0), (1, b, c.shape[2], n, c.shape[4]))[0]
-            return read(out["k"]), read(out["v"])
+            if attend is None:
+                return attention.attend_blocks(q, out["k"], out["v"], i, positions, block)
+            read = lambda c: jax.lax.dynamic_slice(c, (i, 0, 0, 0, 0), (1, b, c.shape[2], attend, c.shape[4]))[0]
+            keys, values = read(out["k"]), read(out["v"])
+            return attention.attend(q, keys, values, attention.mask(attend, positions, None), kv_major=True)
 
-        x = _layer(cfg, lp, x, positions, positions, None, kv_write)
+        x = _layer(cfg, lp, x, positions, None, kv_attend)
         return (x, out["k"], out["v"]), None
 
     carry = (_embed(cfg, params, tokens), cache["k"], cache["v"])

@@ -6,9 +6,9 @@ Why embedded: on CPU and on TPU hosts without SGLang the trainer samples its own
 Shapes are bucketed so that a new request rarely compiles: the batch (at least 8), the longest prompt and the
 largest max_new_tokens of a chunk (at least 16) are rounded up to powers of two (the batch capped by `max_batch`). Everything else is data:
 per-row temperature / top-p / top-k / max_new_tokens / stop ids / seed, so requests with different sampling
-parameters share one compiled program and one batch. The decode loop is a `lax.while_loop` that exits as soon as
-every row has finished, split into segments that attend to a growing prefix of the cache (`attend_buckets`); the
-cache rides in the loop and layer-scan carries and is updated in place (`qwen3.forward_cached`).
+parameters share one compiled program and one batch. The decode loop is one `lax.while_loop` that exits as soon as
+every row has finished; the cache rides in the loop and layer-scan carries and is updated in place, and each step
+reads only the blocks of it that hold tokens (`qwen3.forward_cached`).
 
 Behaviour logprobs are log softmax(logits / temperature) of the sampled token (the untempered softmax when greedy),
 before top-p/top-k, as SGLang returns them (docs/recipe.md §3: logp_old is the sampler's logprob). A row's randomness is
@@ -90,17 +90,6 @@ def sample_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
 
 # ----------------------------------------------------------------------------------------------- the jitted loop
 
-def attend_buckets(prompt: int, max_new: int) -> list[int]:
-    """The attention lengths of the decode segments: 2x, 4x, ... the (bucketed) prompt length, then the cache's
-    whole capacity. A step attends to the first bucket that holds its position, so a long generation pays for the
-    filled part of the cache (at most twice it), not its capacity; each bucket is one more loop in the program."""
-    cap, out, n = prompt + max_new, [], 2 * prompt
-    while n < cap:
-        out.append(n)
-        n *= 2
-    return out + [cap]
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new"))
 def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, index_b, temperature_b, top_p_b,
                     top_k_b, max_new_b, stop_bs, *, max_new: int):
@@ -131,35 +120,28 @@ def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, ind
     count = jnp.ones((b,), jnp.int32)
     stopped = is_stop(tok)
     done = stopped | (count >= max_new_b)
-    top = jnp.max(lengths_b)  # the step's query sits at lengths + step - 1 <= top + step - 1
 
-    def segment(state, attend: int):
-        """Decode while every query position is below `attend`, attending to the cache's first `attend` slots."""
-        def cond(state):
-            step, _, _, done, *_ = state
-            return (step < max_new) & ~jnp.all(done) & (top + step - 1 < attend)
+    def cond(state):
+        step, _, _, done, *_ = state
+        return (step < max_new) & ~jnp.all(done)
 
-        def body(state):
-            step, cache, tok, done, out_tok, out_lp, count, stopped = state
-            pos = (lengths_b + step - 1)[:, None]
-            hidden, cache = qwen3.forward_cached(cfg, params, tok[:, None], pos, cache, attend=attend)
-            new, lp = step_sample(hidden, step)
-            live = ~done
-            new = jnp.where(live, new, 0)
-            out_tok = out_tok.at[:, step].set(new)
-            out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
-            count = count + live.astype(jnp.int32)
-            hit = live & is_stop(new)
-            stopped = stopped | hit
-            done = done | hit | (count >= max_new_b)
-            return step + 1, cache, new, done, out_tok, out_lp, count, stopped
-
-        return jax.lax.while_loop(cond, body, state)
+    def body(state):
+        step, cache, tok, done, out_tok, out_lp, count, stopped = state
+        pos = (lengths_b + step - 1)[:, None]
+        hidden, cache = qwen3.forward_cached(cfg, params, tok[:, None], pos, cache)  # reads the filled blocks
+        new, lp = step_sample(hidden, step)
+        live = ~done
+        new = jnp.where(live, new, 0)
+        out_tok = out_tok.at[:, step].set(new)
+        out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
+        count = count + live.astype(jnp.int32)
+        hit = live & is_stop(new)
+        stopped = stopped | hit
+        done = done | hit | (count >= max_new_b)
+        return step + 1, cache, new, done, out_tok, out_lp, count, stopped
 
     state = (jnp.int32(1), cache, tok, done, out_tok, out_lp, count, stopped)
-    for attend in attend_buckets(p, max_new):
-        state = segment(state, attend)
-    _, _, _, _, out_tok, out_lp, count, stopped = state
+    _, _, _, _, out_tok, out_lp, count, stopped = jax.lax.while_loop(cond, body, state)
     return out_tok, out_lp, count, stopped
 
 

@@ -13,7 +13,7 @@ from qednano_jax.model import qwen3
 from qednano_jax.model.hf import load_hf
 
 forward = jax.jit(qwen3.forward, static_argnums=0)
-forward_cached = jax.jit(qwen3.forward_cached, static_argnums=0)
+forward_cached = jax.jit(qwen3.forward_cached, static_argnums=0, static_argnames=("attend", "block"))
 logits_from_hidden = jax.jit(qwen3.logits_from_hidden, static_argnums=0)
 
 CASES = {  # GQA ratio 2 and 4; head_dim differs from hidden / heads in both
@@ -43,7 +43,10 @@ def test_logits_match_transformers_on_padded_batch(tmp_path, case):
     assert np.abs(ours - ref)[real].max() <= 1e-4
 
 
-def test_kv_cache_decode_matches_full_forward(tied):
+@pytest.mark.parametrize("block", [4, qwen3.DECODE_BLOCK])
+def test_kv_cache_decode_matches_full_forward(tied, block):
+    """Prefill and decode through the cache read in blocks: with 4-slot blocks the rows' 5-9 positions span two
+    and three blocks (online softmax across them), with the default one block."""
     cfg, params = tied
     prompt = np.array([5, 3, 6])  # right-padded prompts of different lengths
     n_dec = 4
@@ -53,13 +56,13 @@ def test_kv_cache_decode_matches_full_forward(tied):
     prompt_tokens = tokens[:, :p_max] * (np.arange(p_max)[None] < prompt[:, None])
     cache = qwen3.init_cache(cfg, len(prompt), tokens.shape[1])
     pos = np.broadcast_to(np.arange(p_max, dtype=np.int32), prompt_tokens.shape)
-    h, cache = forward_cached(cfg, params, prompt_tokens, pos, cache)
+    h, cache = forward_cached(cfg, params, prompt_tokens, pos, cache, block=block)
     pre = np.asarray(logits_from_hidden(cfg, params, h))
     real = np.arange(p_max)[None] < prompt[:, None]
     assert np.abs(pre - full[:, :p_max])[real].max() <= 1e-5
     for j in range(n_dec):
         p = (prompt + j)[:, None].astype(np.int32)
-        h, cache = forward_cached(cfg, params, tokens[rows[:, None], p], p, cache)
+        h, cache = forward_cached(cfg, params, tokens[rows[:, None], p], p, cache, block=block)
         step = np.asarray(logits_from_hidden(cfg, params, h))[:, 0]
         assert np.abs(step - full[rows, p[:, 0]]).max() <= 1e-5, f"decode step {j}"
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from qednano_jax.model import qwen3
 
-MAX_LEN = 96  # prompt + completion of every rollout test fits; one compiled shape
+MAX_LEN = 160  # prompt + completion of every rollout test fits; one compiled shape
 
 
 def forward_logprobs(cfg, params, prompt, completion, temperature):
