@@ -176,7 +176,7 @@ def main() -> None:
                                                         "--model-path", str(model_dir), "--device", "cpu",
                                                         "--host", "127.0.0.1", "--port", str(args.port + 1),
                                                         "--max-total-tokens",
-                                                        str(max(16384, args.prompts * positions)), "--dtype", "float32"]
+                                                        str(max(16384, args.prompts * (args.new_tokens + 64))), "--dtype", "float32"]
                         + ([] if args.sglang_busy_poll else ["--sleep-on-idle"])))
     else:
         print("  SGLang CPU: skipped (QEDNANO_SGLANG_VENV unset)")

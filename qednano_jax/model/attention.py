@@ -97,8 +97,7 @@ def attend_blocks(q_bthe, k_lbkse, v_lbkse, layer, limit_bt, block: int):
     def body(j, carry):
         m, l, acc = carry
         s = jnp.einsum("bkgte,bkse->bkgts", q, read(k_lbkse, j), preferred_element_type=jnp.float32)
-        seen = (j * block + jnp.arange(block))[None, None, :] <= limit_bt[:, :, None]
-        s = jnp.where(seen[:, None, None], s, NEG)
+        s = jnp.where(mask(block, limit_bt - j * block, None)[:, None, None], s, NEG)  # block j's slots <= limit
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         scale = jnp.exp(m - m_new)
