@@ -222,7 +222,8 @@ def _native_gen(cfg, params, eos_ids: tuple, sampling: SamplingParams, seed):
             cfg, params, tokens_bp, lengths_b, jnp.broadcast_to(seed_t, (b,)), jnp.arange(b, dtype=jnp.int32),
             full(sampling.temperature, jnp.float32), full(sampling.top_p, jnp.float32),
             full(sampling.top_k, jnp.int32), full(sampling.max_new_tokens, jnp.int32),
-            jnp.broadcast_to(stops, (b, stops.shape[0])), max_new=sampling.max_new_tokens)
+            jnp.broadcast_to(stops, (b, stops.shape[0])), max_new=sampling.max_new_tokens,
+            min_batch=None)  # no compaction stages: each would add another decode loop to the RC program
         return out, count, stopped
     return gen
 

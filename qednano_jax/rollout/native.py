@@ -6,9 +6,10 @@ Why embedded: on CPU and on TPU hosts without SGLang the trainer samples its own
 Shapes are bucketed so that a new request rarely compiles: the batch (at least 8), the longest prompt and the
 largest max_new_tokens of a chunk (at least 16) are rounded up to powers of two (the batch capped by `max_batch`). Everything else is data:
 per-row temperature / top-p / top-k / max_new_tokens / stop ids / seed, so requests with different sampling
-parameters share one compiled program and one batch. The decode loop is one `lax.while_loop` that exits as soon as
-every row has finished; the cache rides in the loop and layer-scan carries and is updated in place, and each step
-reads only the blocks of it that hold tokens (`qwen3.forward_cached`).
+parameters share one compiled program and one batch. The decode runs as `lax.while_loop`s that exit as soon as
+every row has finished, and the batch halves (live rows and their cache moved, finished ones dropped) each time at
+most half of its rows are live; the cache rides in the loop and layer-scan carries and is updated in place, and
+each step reads only the blocks of it that hold tokens (`qwen3.forward_cached`).
 
 Behaviour logprobs are log softmax(logits / temperature) of the sampled token (the untempered softmax when greedy),
 before top-p/top-k, as SGLang returns them (docs/recipe.md §3: logp_old is the sampler's logprob). A row's randomness is
@@ -90,13 +91,18 @@ def sample_tokens(logits_bv, temperature_b, top_p_b, top_k_b, keys_b):
 
 # ----------------------------------------------------------------------------------------------- the jitted loop
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "min_batch"))
 def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, index_b, temperature_b, top_p_b,
-                    top_k_b, max_new_b, stop_bs, *, max_new: int):
+                    top_k_b, max_new_b, stop_bs, *, max_new: int, min_batch: int | None = 1):
     """Prefill right-padded prompts [b, p] (row r real for lengths[r] tokens), then decode up to `max_new` steps.
 
     Returns (tokens [b, max_new] int32, logprobs [b, max_new] fp32, generated count [b], stopped [b] bool). Row r
     stops after a token in stop_bs[r] (-1 = padding) or after max_new_b[r] tokens; its later entries are 0.
+
+    Finished rows are dropped as the batch empties: once at most half of a stage's rows are live, the live rows
+    (and their cache) move to a batch of half the size, down to `min_batch` rows (a divisor of b; None: never), so
+    the last long rows do not pay for the finished ones. Each stage is its own loop in the one compiled program;
+    a row's tokens do not depend on the stage it runs in (its randomness is keyed by its seed and index).
     """
     b, p = tokens_bp.shape
     axes = qwen3.cache_axes()
@@ -106,42 +112,58 @@ def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, ind
     last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
     row_keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_b, index_b)
 
-    def step_sample(hidden_b1d, step):
+    def step_sample(hidden_b1d, step, rows):
         logits = qwen3.logits_from_hidden(cfg, params, hidden_b1d)[:, 0]
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-        return sample_tokens(logits, temperature_b, top_p_b, top_k_b, keys)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rows["key"], step)
+        return sample_tokens(logits, rows["temperature"], rows["top_p"], rows["top_k"], keys)
 
-    def is_stop(tok_b):
-        return jnp.any(tok_b[:, None] == stop_bs, axis=-1)
+    def is_stop(tok_b, rows):
+        return jnp.any(tok_b[:, None] == rows["stops"], axis=-1)
 
-    tok, lp = step_sample(last, 0)
+    # what a stage knows of each of its rows; "row" is the row's index in the caller's batch
+    rows = {"row": jnp.arange(b), "length": lengths_b, "key": row_keys, "temperature": temperature_b,
+            "top_p": top_p_b, "top_k": top_k_b, "max_new": max_new_b, "stops": stop_bs}
+    tok, lp = step_sample(last, 0, rows)
+    rows["stopped"] = is_stop(tok, rows)
+    rows["count"] = jnp.ones((b,), jnp.int32)
+    rows["done"] = rows["stopped"] | (rows["count"] >= max_new_b)
+    rows["tok"] = tok
     out_tok = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
-    count = jnp.ones((b,), jnp.int32)
-    stopped = is_stop(tok)
-    done = stopped | (count >= max_new_b)
-
-    def cond(state):
-        step, _, _, done, *_ = state
-        return (step < max_new) & ~jnp.all(done)
+    count, stopped = rows["count"], rows["stopped"]
 
     def body(state):
-        step, cache, tok, done, out_tok, out_lp, count, stopped = state
-        pos = (lengths_b + step - 1)[:, None]
-        hidden, cache = qwen3.forward_cached(cfg, params, tok[:, None], pos, cache)  # reads the filled blocks
-        new, lp = step_sample(hidden, step)
-        live = ~done
+        step, cache, rows, out_tok, out_lp = state
+        pos = (rows["length"] + step - 1)[:, None]
+        hidden, cache = qwen3.forward_cached(cfg, params, rows["tok"][:, None], pos, cache)  # reads filled blocks
+        new, lp = step_sample(hidden, step, rows)
+        live = ~rows["done"]
         new = jnp.where(live, new, 0)
-        out_tok = out_tok.at[:, step].set(new)
-        out_lp = out_lp.at[:, step].set(jnp.where(live, lp, 0.0))
-        count = count + live.astype(jnp.int32)
-        hit = live & is_stop(new)
-        stopped = stopped | hit
-        done = done | hit | (count >= max_new_b)
-        return step + 1, cache, new, done, out_tok, out_lp, count, stopped
+        out_tok = out_tok.at[rows["row"], step].set(new)  # a finished row writes the zeros it already holds
+        out_lp = out_lp.at[rows["row"], step].set(jnp.where(live, lp, 0.0))
+        count = rows["count"] + live.astype(jnp.int32)
+        hit = live & is_stop(new, rows)
+        rows = {**rows, "tok": new, "count": count, "stopped": rows["stopped"] | hit,
+                "done": rows["done"] | hit | (count >= rows["max_new"])}
+        return step + 1, cache, rows, out_tok, out_lp
 
-    state = (jnp.int32(1), cache, tok, done, out_tok, out_lp, count, stopped)
-    _, _, _, _, out_tok, out_lp, count, stopped = jax.lax.while_loop(cond, body, state)
+    step, size = jnp.int32(1), b
+    while True:
+        half = size // 2 if min_batch and size % 2 == 0 and size // 2 >= min_batch else None
+        keep = 0 if half is None else half  # this stage runs while more than `keep` rows are live
+
+        def cond(state, keep=keep):
+            step, _, rows, *_ = state
+            return (step < max_new) & (jnp.sum(~rows["done"]) > keep)
+
+        step, cache, rows, out_tok, out_lp = jax.lax.while_loop(cond, body, (step, cache, rows, out_tok, out_lp))
+        count, stopped = count.at[rows["row"]].set(rows["count"]), stopped.at[rows["row"]].set(rows["stopped"])
+        if half is None:
+            break
+        pick = jnp.argsort(rows["done"], stable=True)[:half]  # the live rows first
+        rows = jax.tree.map(lambda x: x[pick], rows)
+        cache = {k: constrain(v[:, pick], axes[k]) for k, v in cache.items()}
+        size = half
     return out_tok, out_lp, count, stopped
 
 
@@ -255,11 +277,11 @@ class NativeRollout:
             temp[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
         args = (tokens, lengths, seeds, index, temp, top_p, top_k, max_new_b, stop_bs)
         if self.mesh is None:
-            out = generate_tokens(self.cfg, params, *args, max_new=new)
+            out = generate_tokens(self.cfg, params, *args, max_new=new, min_batch=self._dp_size())
         else:
             args = [jax.device_put(a, batch_sharding(self.mesh, self.rules, a.ndim)) for a in args]
             with use_rules(self.mesh, self.rules):
-                out = generate_tokens(self.cfg, params, *args, max_new=new)
+                out = generate_tokens(self.cfg, params, *args, max_new=new, min_batch=self._dp_size())
         out_tok, out_lp, count, stopped = jax.device_get(out)
         result = []
         for i, (prompt, sp, _, _) in enumerate(rows):

@@ -68,6 +68,28 @@ def test_long_generation_across_cache_blocks_keeps_forward_logprobs(model, engin
     np.testing.assert_allclose(c.logprobs, forward_logprobs(cfg, params, p, c.token_ids, temperature), atol=1e-5,
                                rtol=0)
 
+def test_dropping_finished_rows_keeps_every_completion(model):
+    """Rows that finish at different steps: the compacting decode (8 -> 4 -> 2 -> 1 rows) gives each row the tokens,
+    logprobs, counts and stop flags of the same program without compaction."""
+    cfg, params, _, prompts = model
+    b, p, max_new = 8, 16, 24
+    tokens = np.zeros((b, p), np.int32)
+    lengths = np.ones(b, np.int32)
+    for i in range(b):
+        prompt = prompts[i % len(prompts)][:p]
+        tokens[i, :len(prompt)], lengths[i] = prompt, len(prompt)
+    args = (tokens, lengths, np.full(b, 7, np.uint32), np.arange(b, dtype=np.int32),
+            np.where(np.arange(b) % 2, 0.9, 0.0).astype(np.float32), np.ones(b, np.float32),
+            np.full(b, -1, np.int32), np.array([1, 3, 24, 5, 2, 9, 4, 17], np.int32), np.full((b, 1), -1, np.int32))
+    ref = jax.device_get(generate_tokens(cfg, params, *args, max_new=max_new, min_batch=None))
+    got = jax.device_get(generate_tokens(cfg, params, *args, max_new=max_new, min_batch=1))
+    np.testing.assert_array_equal(ref[2], args[7])  # no stop ids: each row runs to its own max_new_tokens
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_allclose(got[1], ref[1], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got[2], ref[2])
+    np.testing.assert_array_equal(got[3], ref[3])
+
+
 def test_sampling_reproducible_at_seed(model, engine):
     _, _, _, prompts = model
     sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=11)
