@@ -152,12 +152,15 @@ def _run(cfg: Config, run: driver.Run, mesh, rules, model_cfg, ds, stats) -> dic
     losses: dict[int, float] = {}
     t_last, tokens_since = time.perf_counter(), 0.0
     run.begin(start)
+    compiled = None
     for i in range(start, tc.steps):
         local = next(data_iter)
         micro = step_lib.split_micro({k: local[k] for k in keys}, tc.micro_batches)
         batch = sharding.host_to_global(micro, {k: b_sh[k] for k in keys})
         batch["denominator"] = count(batch["loss_mask"])
-        state, m = train_step(state, batch)
+        if compiled is None:  # one batch shape for the run: compile it before the first step runs
+            compiled = step_lib.compile_step(train_step, state, batch)
+        state, m = compiled(state, batch)
         step = i + 1
         driver.check_finite(step, jax.device_get({k: m[k] for k in ("finite", "loss", "grad_norm")}),
                             ckpt.latest_step)

@@ -1,5 +1,8 @@
 """The pure train step: every sharding strategy matches one device; accumulation matches one big batch; the SFT
 loss is the masked NLL of the full-logits forward; the LR schedules."""
+import ctypes
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +38,7 @@ def packed_batch(rows: int, t: int = 32, seed: int = 0) -> dict:
     return out
 
 
-def run_steps(mesh_shape, rules, batches, micro: int, devices=None):
+def run_steps(mesh_shape, rules, batches, micro: int, devices=None, compiled: bool = False):
     mesh = sharding.make_mesh(mesh_shape, devices)
     opt = optim.make_optimizer(OPT, 10)
     st_sh = step_lib.state_shardings(CFG, opt, mesh, rules)
@@ -48,6 +51,8 @@ def run_steps(mesh_shape, rules, batches, micro: int, devices=None):
     for b in batches:
         mb = jax.device_put(step_lib.split_micro(b, micro), {k: b_sh[k] for k in KEYS})
         mb["denominator"] = jnp.float32(b["loss_mask"].sum())
+        if compiled:
+            fn, compiled = step_lib.compile_step(fn, state, mb), False
         state, m = fn(state, mb)
         losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params), state
@@ -111,6 +116,52 @@ def test_sequence_parallel_loss_and_grads_match_one_device(loss, seq):
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         assert np.abs(np.asarray(g) - np.asarray(r)).max() <= 1e-5 * max(1.0, np.abs(np.asarray(r)).max()), \
             jax.tree_util.keystr(path)
+
+
+def test_ahead_compiled_step_matches_the_jitted_one(single_device):
+    """compile_step (train/sft.py's path) gives the jitted step's losses and params, sharded, and still donates."""
+    batches, (ref_losses, ref_params, _) = single_device
+    losses, params, state = run_steps(sharding.MESH_SHAPES["fsdp"], sharding.RULE_SETS["fsdp"], batches, 1,
+                                      compiled=True)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    mesh = sharding.make_mesh(sharding.MESH_SHAPES["fsdp"])
+    opt = optim.make_optimizer(OPT, 10)
+    st_sh = step_lib.state_shardings(CFG, opt, mesh, sharding.RULE_SETS["fsdp"])
+    old = step_lib.init_state(CFG, opt, step_lib.random_params(CFG, 0, st_sh.params), 0, st_sh)
+    b_sh = step_lib.batch_shardings(mesh, sharding.RULE_SETS["fsdp"], KEYS, (1, 8, 32))
+    fn = step_lib.make_train_step(CFG, step_lib.sft_loss, opt, optim.schedule(OPT, 10), mesh=mesh,
+                                  rules=sharding.RULE_SETS["fsdp"], state_sh=st_sh, batch_sh=b_sh)
+    mb = jax.device_put(step_lib.split_micro(batches[0], 1), {k: b_sh[k] for k in KEYS})
+    mb["denominator"] = jnp.float32(batches[0]["loss_mask"].sum())
+    new, _ = step_lib.compile_step(fn, old, mb)(old, mb)
+    assert old.params["embed"].is_deleted() and not new.params["embed"].is_deleted()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or
+                    getattr(ctypes.CDLL(None), "malloc_trim", None) is None, reason="needs Linux with glibc")
+def test_release_host_memory_returns_freed_heap_blocks():
+    """Freed small heap blocks below a live one stay resident until release_host_memory hands them back."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, n = 64 << 10, 3200  # 200 MiB in blocks below glibc's mmap threshold: they come from the heap
+    blocks = [libc.malloc(size) for _ in range(n)]
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    for b in blocks[:-1]:  # the last block stays: the freed ones sit below it, where free() cannot trim
+        libc.free(b)
+    before = _rss_bytes()
+    step_lib.release_host_memory()
+    after = _rss_bytes()
+    libc.free(blocks[-1])
+    assert before - after > 100 << 20, (before, after)
 
 
 def test_accumulation_equals_big_batch():
