@@ -2,8 +2,9 @@
 
     python benchmarks/sft_step.py [--batch 2] [--seq 256] [--steps 3] [--model small]
 
-Each side runs in its own subprocess (so peak RSS is its own) and does: forward, backward, global-norm clip 1.0,
-AdamW. Prints tokens/s of both and their ratio (target >= 1.6x), our MFU against a measured CPU fp32 matmul peak
+Each side runs in its own subprocess (so peak RSS is its own), with the glibc huge-page tunable that
+`python -m qednano_jax.train` sets for itself (qednano_jax/hostmem.py), and does: forward, backward, global-norm
+clip 1.0, AdamW. Prints tokens/s of both and their ratio (target >= 1.6x), our MFU against a measured CPU fp32 matmul peak
 (target >= 50%), and each side's peak host memory against params + grads + AdamW moments (16 bytes / param; target
 at most 2x).
 """
@@ -17,7 +18,10 @@ import resource
 import subprocess
 import sys
 import time
+
 import machine  # benchmarks/machine.py (this script's folder is on sys.path)
+
+from qednano_jax import hostmem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,6 +144,7 @@ def _side(name: str, args) -> dict:
            str(args.seq), "--steps", str(args.steps), "--model", args.model]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+    env = hostmem.huge_pages_env(env) or env  # every side runs as `python -m qednano_jax.train` would
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{name} side failed:\n{out.stderr[-4000:]}")

@@ -11,7 +11,6 @@ applies the optax update once. So 4 micro-batches of b rows give the same update
 
 from __future__ import annotations
 
-import ctypes
 from typing import Any, Callable
 
 import flax.struct
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qednano_jax import sharding
+from qednano_jax import hostmem, sharding
 from qednano_jax.config import ModelConfig
 from qednano_jax.model import qwen3
 
@@ -181,21 +180,11 @@ def split_micro(batch: dict, micro_batches: int) -> dict:
 
 def compile_step(fn, state: TrainState, batch: dict):
     """`fn` (a make_train_step program) compiled ahead of its first call for `batch`'s shapes and shardings, then
-    the host memory the compiler freed handed back to the OS (release_host_memory). Call the result like `fn`; it
-    keeps the donation. Used where one batch shape serves a whole run (SFT: benchmarks/sft_step.py, train/sft.py).
+    the host memory the compiler freed handed back to the OS (hostmem.release_host_memory). Call the result like
+    `fn`; it keeps the donation. For runs where one batch shape serves every step (train/sft.py,
+    benchmarks/sft_step.py).
     """
     compiled = fn.lower(state, batch).compile()
-    release_host_memory()
+    hostmem.release_host_memory()
     return compiled
 
-
-def release_host_memory() -> None:
-    """Return freed heap pages to the OS (glibc `malloc_trim`; a no-op without it, e.g. on macOS).
-
-    XLA's CPU compiler frees a few hundred MB of small heap blocks; glibc keeps them resident, and the step's
-    scratch buffer (one large block, mapped on its own) cannot reuse them. SFT step of configs/model/small.yaml,
-    batch 2 x 256: peak RSS over the import baseline 1,471 -> about 1,240 MiB (params + grads + AdamW: 634 MiB).
-    """
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
