@@ -169,6 +169,9 @@ def generate_tokens(cfg: ModelConfig, params, tokens_bp, lengths_b, seeds_b, ind
 
 # ----------------------------------------------------------------------------------------------- the engine
 
+_unstack_layers = jax.jit(qwen3.unstack_layers)
+
+
 class NativeRollout:
     """`Rollout` backend running `generate_tokens` in this process (see module doc).
 
@@ -251,10 +254,14 @@ class NativeRollout:
         return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
 
     def _place(self, params):
+        """params on the engine's devices; on CPU with per-layer weights (qwen3.unstack_layers: XLA:CPU would copy
+        every layer's weights out of the stack each decode step), elsewhere stacked for the layer scan."""
         if self.mesh is None:
-            return jax.tree.map(jnp.asarray, params)
-        shardings = tree_shardings(qwen3.param_axes(self.cfg), self.rules, self.mesh, qwen3.param_shapes(self.cfg))
-        return jax.device_put(params, shardings)
+            placed, platform = jax.tree.map(jnp.asarray, params), jax.default_backend()
+        else:
+            shardings = tree_shardings(qwen3.param_axes(self.cfg), self.rules, self.mesh, qwen3.param_shapes(self.cfg))
+            placed, platform = jax.device_put(params, shardings), self.mesh.devices.flat[0].platform
+        return _unstack_layers(placed) if platform == "cpu" else placed
 
     def _run_chunk(self, params, version, rows) -> list[Completion]:
         n = len(rows)

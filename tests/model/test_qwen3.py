@@ -43,15 +43,18 @@ def test_logits_match_transformers_on_padded_batch(tmp_path, case):
     assert np.abs(ours - ref)[real].max() <= 1e-4
 
 
+@pytest.mark.parametrize("layers", ["stacked", "per-layer"])
 @pytest.mark.parametrize("block", [4, qwen3.DECODE_BLOCK])
-def test_kv_cache_decode_matches_full_forward(tied, block):
+def test_kv_cache_decode_matches_full_forward(tied, block, layers):
     """Prefill and decode through the cache read in blocks: with 4-slot blocks the rows' 5-9 positions span two
-    and three blocks (online softmax across them), with the default one block."""
-    cfg, params = tied
+    and three blocks (online softmax across them), with the default one block. With the layers scanned (stacked)
+    and one after another (qwen3.unstack_layers, as the native engine runs on CPU)."""
+    cfg, stacked = tied
+    params = stacked if layers == "stacked" else qwen3.unstack_layers(stacked)
     prompt = np.array([5, 3, 6])  # right-padded prompts of different lengths
     n_dec = 4
     tokens, mask = right_padded(np.random.default_rng(2), list(prompt + n_dec))
-    full = np.asarray(forward(cfg, params, tokens, segment_ids=mask))
+    full = np.asarray(forward(cfg, stacked, tokens, segment_ids=mask))
     p_max, rows = prompt.max(), np.arange(len(prompt))
     prompt_tokens = tokens[:, :p_max] * (np.arange(p_max)[None] < prompt[:, None])
     cache = qwen3.init_cache(cfg, len(prompt), tokens.shape[1])
