@@ -4,9 +4,9 @@
 
 Each side runs in its own subprocess (so peak RSS is its own), with the glibc huge-page tunable that
 `python -m qednano_jax.train` sets for itself (qednano_jax/hostmem.py), and does: forward, backward, global-norm
-clip 1.0, AdamW. Prints tokens/s of both and their ratio (target >= 1.6x), our MFU against a measured CPU fp32 matmul peak
-(target >= 50%), and each side's peak host memory against params + grads + AdamW moments (16 bytes / param; target
-at most 2x).
+clip 1.0, AdamW. Prints tokens/s of both and their ratio (target >= 1.6x), our MFU against a measured CPU fp32
+matmul peak (target >= 50%), and each side's peak host memory against params + grads + AdamW moments (16 bytes /
+param; target at most 2x).
 """
 
 from __future__ import annotations

@@ -21,13 +21,19 @@ import sys
 HUGE_PAGES = "glibc.malloc.hugetlb"
 
 
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of this process's glibc; None off Linux or with another C library."""
+    lib, version = platform.libc_ver()
+    if sys.platform != "linux" or lib != "glibc":
+        return None
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 def huge_pages_env(env) -> dict | None:
     """`env` with glibc's huge-page tunable added, or None where it does not apply (not Linux with glibc >= 2.35)
     or GLIBC_TUNABLES already sets it either way."""
-    if sys.platform != "linux":
-        return None
-    lib, version = platform.libc_ver()
-    if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+    if (glibc_version() or (0, 0)) < (2, 35):
         return None
     tunables = env.get("GLIBC_TUNABLES", "")
     if HUGE_PAGES in tunables:

@@ -1,7 +1,6 @@
 """Host memory: the huge-page tunable the train entry point re-executes with, and malloc_trim of freed heap."""
 import ctypes
 import os
-import platform
 import subprocess
 import sys
 
@@ -9,8 +8,7 @@ import pytest
 
 from qednano_jax import hostmem
 
-GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and \
-    tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2]) >= (2, 35)
+GLIBC = (hostmem.glibc_version() or (0, 0)) >= (2, 35)
 
 
 @pytest.mark.skipif(not GLIBC, reason="needs Linux with glibc >= 2.35")
@@ -37,8 +35,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or
-                    getattr(ctypes.CDLL(None), "malloc_trim", None) is None, reason="needs Linux with glibc")
+@pytest.mark.skipif(hostmem.glibc_version() is None, reason="needs Linux with glibc")
 def test_release_host_memory_returns_freed_heap_blocks():
     """Freed small heap blocks below a live one stay resident until release_host_memory hands them back."""
     libc = ctypes.CDLL(None)
@@ -55,5 +52,3 @@ def test_release_host_memory_returns_freed_heap_blocks():
     after = _rss_bytes()
     libc.free(blocks[-1])
     assert before - after > 100 << 20, (before, after)
-
-

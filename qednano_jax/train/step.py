@@ -187,4 +187,3 @@ def compile_step(fn, state: TrainState, batch: dict):
     compiled = fn.lower(state, batch).compile()
     hostmem.release_host_memory()
     return compiled
-

@@ -44,13 +44,18 @@ def run_steps(mesh_shape, rules, batches, micro: int, devices=None, compiled: bo
     b_sh = step_lib.batch_shardings(mesh, rules, KEYS, (micro, m0.shape[0] // micro, m0.shape[1]))
     fn = step_lib.make_train_step(CFG, step_lib.sft_loss, opt, optim.schedule(OPT, 10), mesh=mesh, rules=rules,
                                   state_sh=st_sh, batch_sh=b_sh)
-    losses = []
-    for b in batches:
+
+    def placed(b):
         mb = jax.device_put(step_lib.split_micro(b, micro), {k: b_sh[k] for k in KEYS})
         mb["denominator"] = jnp.float32(b["loss_mask"].sum())
-        if compiled:
-            fn, compiled = step_lib.compile_step(fn, state, mb), False
-        state, m = fn(state, mb)
+        return mb
+
+    if compiled:  # train/sft.py's path: compiled ahead, for the first batch's shapes and shardings
+        fn = step_lib.compile_step(fn, state, placed(batches[0]))
+    losses = []
+    for b in batches:
+        old, (state, m) = state, fn(state, placed(b))
+        assert not compiled or old.params["embed"].is_deleted()  # the compiled step still donates the state
         losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params), state
 
@@ -116,24 +121,14 @@ def test_sequence_parallel_loss_and_grads_match_one_device(loss, seq):
 
 
 def test_ahead_compiled_step_matches_the_jitted_one(single_device):
-    """compile_step (train/sft.py's path) gives the jitted step's losses and params, sharded, and still donates."""
+    """compile_step (train/sft.py's path) gives the jitted step's losses and params, sharded, and still donates
+    (run_steps checks each step's input state is deleted)."""
     batches, (ref_losses, ref_params, _) = single_device
-    losses, params, state = run_steps(sharding.MESH_SHAPES["fsdp"], sharding.RULE_SETS["fsdp"], batches, 1,
-                                      compiled=True)
+    losses, params, _ = run_steps(sharding.MESH_SHAPES["fsdp"], sharding.RULE_SETS["fsdp"], batches, 1,
+                                  compiled=True)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    mesh = sharding.make_mesh(sharding.MESH_SHAPES["fsdp"])
-    opt = optim.make_optimizer(OPT, 10)
-    st_sh = step_lib.state_shardings(CFG, opt, mesh, sharding.RULE_SETS["fsdp"])
-    old = step_lib.init_state(CFG, opt, step_lib.random_params(CFG, 0, st_sh.params), 0, st_sh)
-    b_sh = step_lib.batch_shardings(mesh, sharding.RULE_SETS["fsdp"], KEYS, (1, 8, 32))
-    fn = step_lib.make_train_step(CFG, step_lib.sft_loss, opt, optim.schedule(OPT, 10), mesh=mesh,
-                                  rules=sharding.RULE_SETS["fsdp"], state_sh=st_sh, batch_sh=b_sh)
-    mb = jax.device_put(step_lib.split_micro(batches[0], 1), {k: b_sh[k] for k in KEYS})
-    mb["denominator"] = jnp.float32(batches[0]["loss_mask"].sum())
-    new, _ = step_lib.compile_step(fn, old, mb)(old, mb)
-    assert old.params["embed"].is_deleted() and not new.params["embed"].is_deleted()
 
 
 def test_accumulation_equals_big_batch():
