@@ -6,12 +6,16 @@ For each dtype, best of `--repeats`:
 - raw write: safetensors' own `save_file` of the tensors already on the host, already cast and already in HF layout
   (the linear weights transposed; read back untimed from an export), as one file: serialisation and the file write
   only (the same reference as benchmarks/rollout.py);
-- save_hf: `model.hf.save_hf` from the on-device params (gather, cast, HF layout, stream to the file, metadata);
-- export_version: `rollout.refit.export_version` (save_hf into a temp dir, rename, prune): what a refit pays before
-  the servers load the file.
+- save_hf: `model.hf.save_hf` from the on-device params (gather, cast, write each tensor from its buffer, metadata;
+  our params are in HF's layout, so there is no transpose);
+- export_version: `rollout.refit.export_version` (save_hf into a temp dir, rename, set the older export aside): what a
+  refit pays before the servers load the file. The set-aside export is deleted on a background thread, which the
+  script waits for (untimed) before the next write.
 Speed = raw write s / our s (target >= 0.8x). Every file is deleted before the next write, and every timed write
 starts after `os.sync()` (untimed), so none is throttled by the kernel flushing an earlier one's dirty pages (without
 it the raw write alone varied 10x, 0.025-0.25 s, run to run). Files go to a fresh temp dir under /tmp (or `--dir`).
+The script re-executes itself with glibc's huge-page tunable, as the trainer (where refits run) does
+(qednano_jax/hostmem.py): both sides run in that one process.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qednano_jax import hostmem
 from qednano_jax.config import ModelConfig
 from qednano_jax.model import hf, qwen3
 from qednano_jax.rollout import refit
@@ -83,6 +88,7 @@ def main() -> None:
                 shutil.rmtree(root / "hf")
                 times["export_version"].append(timed(lambda: refit.export_version(
                     cfg, params, root / "refit", f"v{k}", keep_last=1, dtype=dtype)))
+                refit.wait_pruned()
             shutil.rmtree(root / "refit")
             raw = min(times["raw write"])
             print(f"{dtype} ({n * np_dtype.itemsize / 1e6:.0f} MB):")
@@ -94,6 +100,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()  # as `python -m qednano_jax.train`, where refits run; both sides alike
     watch = machine.Watch()
     main()
     watch.done()

@@ -16,10 +16,12 @@ layout fix in one place fixes both directions. Safetensors only: no pickle, no r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
 import math
+import os
 import struct
 import tempfile
 from pathlib import Path
@@ -52,9 +54,9 @@ class Entry:
     """One row of the mapping.
 
     `hf` is the HF tensor name; `{i}` marks a per-layer tensor, stacked on our leading `layers` axis. `split` = 0:
-    same layout both sides. `split` = n > 0: HF holds a torch Linear weight [out, in] and we hold [in..., out...]
-    where our first n (per-layer) axes make HF's `in` axis; e.g. q_proj HF [H*E, D] <-> ours [D, H, E] (n = 1),
-    o_proj HF [D, H*E] <-> ours [H, E, D] (n = 2).
+    same shape both sides. `split` = n > 0: HF holds a torch Linear weight [out, in] and we hold the same bytes as
+    [out..., in...], our first n (per-layer) axes making HF's `out` axis: a reshape, never a transpose; e.g. q_proj
+    HF [H*E, D] <-> ours [H, E, D] (n = 2), o_proj HF [D, H*E] <-> ours [D, H, E] (n = 1).
     """
     hf: str
     ours: tuple[str, ...]
@@ -68,12 +70,12 @@ class Entry:
 MAPPING = (
     Entry("model.embed_tokens.weight", ("embed",)),
     Entry("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm")),
-    Entry("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q_proj"), 1),
-    Entry("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k_proj"), 1),
-    Entry("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v_proj"), 1),
+    Entry("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q_proj"), 2),
+    Entry("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k_proj"), 2),
+    Entry("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v_proj"), 2),
     Entry("model.layers.{i}.self_attn.q_norm.weight", ("layers", "q_norm")),
     Entry("model.layers.{i}.self_attn.k_norm.weight", ("layers", "k_norm")),
-    Entry("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o_proj"), 2),
+    Entry("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o_proj"), 1),
     Entry("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
     Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate_proj"), 1),
     Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "up_proj"), 1),
@@ -95,7 +97,7 @@ def _leaf_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
     s = shape[1:] if entry.per_layer else shape
     if not entry.split:
         return tuple(s)
-    return (math.prod(s[entry.split:]), math.prod(s[:entry.split]))
+    return (math.prod(s[:entry.split]), math.prod(s[entry.split:]))
 
 
 def _entries(cfg: ModelConfig) -> list[tuple[Entry, tuple[int, ...]]]:
@@ -118,42 +120,35 @@ def hf_tensors(cfg: ModelConfig) -> Iterator[tuple[str, Entry, int | None, tuple
             yield (e.hf.format(i=layer) if e.per_layer else e.hf), e, layer, hf_shape
 
 
-@functools.partial(jax.jit, static_argnames=("split", "stacked", "dtype"))
-def _hf_layout(x: jax.Array, *, split: int, stacked: bool, dtype: str) -> jax.Array:
-    """One of our leaves -> its HF tensors, on device: cast to `dtype`; a transposed entry (`split` = n > 0) goes
-    [layers?, in..., out...] -> [layers?, out, in], so every layer's tensor is one contiguous block on the host."""
-    x = x.astype(dtype)
-    if not split:
-        return x
-    lead = x.shape[:1] if stacked else ()
-    dims = x.shape[len(lead):]
-    return jnp.swapaxes(x.reshape(*lead, math.prod(dims[:split]), math.prod(dims[split:])), -1, -2)
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast(x: jax.Array, *, dtype: str) -> jax.Array:
+    return x.astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("split", "pad", "dtype", "sharding"))
-def _host_blocks(x: jax.Array, *, split: int, pad: int, dtype: str, sharding: Any) -> jax.Array:
-    """Stacked layers, padded with `pad` zero layers, in HF layout and resharded by `sharding` (per-host export)."""
+@functools.partial(jax.jit, static_argnames=("pad", "dtype", "sharding"))
+def _host_blocks(x: jax.Array, *, pad: int, dtype: str, sharding: Any) -> jax.Array:
+    """Stacked layers, padded with `pad` zero layers, cast and resharded by `sharding` (per-host export)."""
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return jax.lax.with_sharding_constraint(_hf_layout(x, split=split, stacked=True, dtype=dtype), sharding)
+    return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
 
 
-def _layout(entry: Entry, leaf: jax.Array, dtype: str) -> jax.Array:
-    if not entry.split and jnp.dtype(leaf.dtype) == jnp.dtype(dtype):
-        return leaf  # nothing to do: no compile
-    return _hf_layout(leaf, split=entry.split, stacked=entry.per_layer, dtype=dtype)
+def _in_dtype(leaf: jax.Array, dtype: str) -> jax.Array:
+    """`leaf` in `dtype` (cast on its devices; as it is when it already is). Our layout is HF's (see Entry), so the
+    bytes of each layer of a stacked leaf are the bytes of its HF tensor."""
+    return leaf if jnp.dtype(leaf.dtype) == jnp.dtype(dtype) else _cast(leaf, dtype=dtype)
 
 
 def _read_block(view: Any, entry: Entry, shape: tuple[int, ...], idx: tuple[slice, ...]) -> np.ndarray:
     """Block `idx` of our per-layer array of shape `shape`, reading only the rows/columns of the HF tensor it needs.
 
-    For a transposed entry the HF rows/columns are whole groups of our first in/out axis (e.g. whole heads); the
-    finer slices of the remaining axes are taken after the transpose.
+    For a linear weight (`split` = n > 0) the HF rows/columns are whole groups of our first out/in axis (e.g. whole
+    heads); the finer slices of the remaining axes are taken after the reshape.
     """
     if not entry.split:
         return view[idx] if idx else view[:]
     n = entry.split
-    ins, outs = shape[:n], shape[n:]
-    in_idx, out_idx = idx[:n], idx[n:]
+    outs, ins = shape[:n], shape[n:]
+    out_idx, in_idx = idx[:n], idx[n:]
 
     def coarse(dims, sl):
         r = math.prod(dims[1:])
@@ -161,8 +156,7 @@ def _read_block(view: Any, entry: Entry, shape: tuple[int, ...], idx: tuple[slic
 
     block = view[coarse(outs, out_idx), coarse(ins, in_idx)]  # HF layout [out, in]
     block = block.reshape(out_idx[0].stop - out_idx[0].start, *outs[1:], in_idx[0].stop - in_idx[0].start, *ins[1:])
-    block = block.transpose(tuple(range(len(outs), len(outs) + len(ins))) + tuple(range(len(outs))))
-    return block[(slice(None),) + in_idx[1:] + (slice(None),) + out_idx[1:]]
+    return block[(slice(None),) + out_idx[1:] + (slice(None),) + in_idx[1:]]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -419,7 +413,7 @@ def _load_leaf(entry: Entry, shape: tuple[int, ...], sharding: Any, files: dict[
                 block = np.stack(parts)
             else:
                 block = _read_block(view(entry.hf), entry, shape, idx)
-            blocks[key] = np.ascontiguousarray(block.astype(np_dtype))
+            blocks[key] = np.ascontiguousarray(block.astype(np_dtype, copy=False))
         return blocks[key]
 
     return jax.make_array_from_callback(shape, sharding, callback)
@@ -469,16 +463,15 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     _prepare_dir(path, names)
     shard, left = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
-
     for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
-        host = _to_host(_layout(entry, _get(params, entry.ours), save_dtype))
+        host = _to_host(_in_dtype(_get(params, entry.ours), save_dtype))
         for layer in range(cfg.num_layers) if entry.per_layer else [None]:  # in plan order: shard after shard
             name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
             k = shard_of[name]
             if shard is None:
                 shard = _ShardWriter(path / names[k], [(t, s) for t, _, _, s in tensors if shard_of[t] == k],
                                      np_dtype)
-            shard.write(host[layer] if entry.per_layer else host)
+            shard.write(name, host[layer] if entry.per_layer else host)
             left[k] -= 1
             if not left[k]:
                 shard.close()
@@ -541,15 +534,14 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
     for entry, _ in _entries(cfg):
         leaf = _get(params, entry.ours)
         if entry.per_layer:  # this host's block of layers, [per, ...] in HF layout, resharded without a gather
-            blocks = _host_blocks(leaf, split=entry.split, pad=n * per - layers, dtype=cfg.param_dtype,
-                                  sharding=by_host)
+            blocks = _host_blocks(leaf, pad=n * per - layers, dtype=cfg.param_dtype, sharding=by_host)
             host = np.asarray(jax.device_get(blocks.addressable_shards[0].data))
             for j in range(mine_n):
-                mine.write(host[j])
+                mine.write(entry.hf.format(i=me * per + j), host[j])
         else:
-            host = _to_host(_hf_layout(leaf, split=entry.split, stacked=False, dtype=cfg.param_dtype))  # collective
+            host = _to_host(_in_dtype(leaf, cfg.param_dtype))  # collective
             if rest is not None:
-                rest.write(host)
+                rest.write(entry.hf, host)
         del leaf, host
     if mine is not None:
         mine.close()
@@ -564,29 +556,60 @@ def _save_per_host(cfg: ModelConfig, params: qwen3.Params, path: Path | epath.Pa
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks before it is written (Linux fallocate(2)): the filesystem then maps each written page
+    to a block already allocated instead of reserving one per page (a 51 MB write: 24-40 ms -> 16-19 ms on ext4).
+    Where the call is missing or the filesystem does not support it, nothing happens; the write allocates as usual.
+    Not posix_fallocate, which emulates the call by writing zeros where the filesystem lacks it."""
+    fallocate = getattr(_libc(), "fallocate64", None)
+    if fallocate is None or size <= 0:
+        return
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fallocate(fd, 0, 0, size)  # a failure (EOPNOTSUPP, ENOSPC: the write will report it) leaves the file as it was
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class _ShardWriter:
-    """One safetensors file written tensor by tensor, straight from the arrays' buffers (safetensors' save_file needs
-    every tensor at once and copies each to bytes first). The header is known from the plan: u64 little-endian
-    length, JSON {name: dtype, shape, data_offsets} padded with spaces to a multiple of 8 bytes, then the data in
-    header order. A remote `dst` is written to a local temporary file and copied up on close."""
+    """One safetensors file written tensor by tensor, straight from the arrays' buffers, each at its own offset and
+    in any order (safetensors' save_file needs every tensor at once and copies each to bytes first). The header is
+    known from the plan: u64 little-endian length, JSON {name: dtype, shape, data_offsets} padded with spaces to a
+    multiple of 8 bytes, then the data in header order. A remote `dst` is written to a local temporary file and
+    copied up on close."""
 
     def __init__(self, dst: Path | epath.Path, specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype):
-        header, off = {"__metadata__": {"format": "pt"}}, 0
+        header, off, self.at = {"__metadata__": {"format": "pt"}}, 0, {}
         for name, shape in specs:
             nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            self.at[name] = (off, nbytes)
             off += nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
         self.dst, self.tmp = dst, (tempfile.TemporaryDirectory(prefix="qednano-hf-") if paths.is_url(dst) else None)
-        self.f = open(Path(self.tmp.name) / dst.name if self.tmp else dst, "wb")
-        self.f.write(struct.pack("<Q", len(head)) + head)
+        self.local = Path(self.tmp.name) / dst.name if self.tmp else Path(dst)
+        self.fd = os.open(self.local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.base = 8 + len(head)
+        _preallocate(self.fd, self.base + off)
+        self._pwrite(struct.pack("<Q", len(head)) + head, 0)
 
-    def write(self, a: np.ndarray) -> None:
-        self.f.write(a.reshape(-1).view(np.uint8).data)
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # pwrite may write less than asked (at most 2 GiB a call on Linux)
+            k = os.pwrite(self.fd, view, offset)
+            view, offset = view[k:], offset + k
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        off, nbytes = self.at[name]
+        if a.nbytes != nbytes:
+            raise ValueError(f"{name}: {a.nbytes} bytes, the header says {nbytes}")
+        self._pwrite(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data, self.base + off)
 
     def close(self) -> None:
-        self.f.close()
+        os.close(self.fd)
         if self.tmp:
-            paths.copy(Path(self.f.name), self.dst)
+            paths.copy(self.local, self.dst)
             self.tmp.cleanup()

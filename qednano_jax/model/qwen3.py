@@ -40,15 +40,16 @@ REMAT_POLICIES = {
 # ----------------------------------------------------------------------------------------------- params
 
 def param_shapes(cfg: ModelConfig) -> Params:
-    """Shape of every parameter leaf."""
+    """Shape of every parameter leaf. A linear weight is [out..., in...], HF's torch Linear layout (so an HF export
+    writes each layer's block as it is, with no transpose): q_proj [H, E, D], o_proj [D, H, E], gate_proj [F, D]."""
     L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.vocab_size)
     shapes = {
         "embed": (V, D),
         "layers": {
-            "attn_norm": (L, D), "q_proj": (L, D, H, E), "k_proj": (L, D, K, E), "v_proj": (L, D, K, E),
-            "q_norm": (L, E), "k_norm": (L, E), "o_proj": (L, H, E, D),
-            "mlp_norm": (L, D), "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D),
+            "attn_norm": (L, D), "q_proj": (L, H, E, D), "k_proj": (L, K, E, D), "v_proj": (L, K, E, D),
+            "q_norm": (L, E), "k_norm": (L, E), "o_proj": (L, D, H, E),
+            "mlp_norm": (L, D), "gate_proj": (L, F, D), "up_proj": (L, F, D), "down_proj": (L, D, F),
         },
         "final_norm": (D,),
     }
@@ -63,14 +64,14 @@ def param_axes(cfg: ModelConfig) -> Params:
         "embed": ("vocab", "embed"),
         "layers": {
             "attn_norm": ("layers", "norm"),
-            "q_proj": ("layers", "embed", "heads", "head_dim"),
-            "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
-            "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+            "q_proj": ("layers", "heads", "head_dim", "embed"),
+            "k_proj": ("layers", "kv_heads", "head_dim", "embed"),
+            "v_proj": ("layers", "kv_heads", "head_dim", "embed"),
             "q_norm": ("layers", "head_dim_norm"), "k_norm": ("layers", "head_dim_norm"),
-            "o_proj": ("layers", "heads", "head_dim", "embed"),
+            "o_proj": ("layers", "embed", "heads", "head_dim"),
             "mlp_norm": ("layers", "norm"),
-            "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
-            "down_proj": ("layers", "mlp", "embed"),
+            "gate_proj": ("layers", "mlp", "embed"), "up_proj": ("layers", "mlp", "embed"),
+            "down_proj": ("layers", "embed", "mlp"),
         },
         "final_norm": ("norm",),
     }
@@ -135,21 +136,21 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, seg, kv_attend=Non
     dt = jnp.dtype(cfg.dtype)
     w = lambda name: lp[name].astype(dt)
     h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
-    q = checkpoint_name(jnp.einsum("btd,dhe->bthe", h, w("q_proj")), "query_proj")
-    k = checkpoint_name(jnp.einsum("btd,dke->btke", h, w("k_proj")), "key_proj")
-    v = checkpoint_name(jnp.einsum("btd,dke->btke", h, w("v_proj")), "value_proj")
+    q = checkpoint_name(jnp.einsum("btd,hed->bthe", h, w("q_proj")), "query_proj")
+    k = checkpoint_name(jnp.einsum("btd,ked->btke", h, w("k_proj")), "key_proj")
+    v = checkpoint_name(jnp.einsum("btd,ked->btke", h, w("v_proj")), "value_proj")
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     q = rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     a = _self_attention(cfg, q, k, v, seg) if kv_attend is None else kv_attend(q, k, v)
-    o = checkpoint_name(jnp.einsum("bthe,hed->btd", a, w("o_proj")), "out_proj")
+    o = checkpoint_name(jnp.einsum("bthe,dhe->btd", a, w("o_proj")), "out_proj")
     x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    g = checkpoint_name(jnp.einsum("btd,df->btf", h, w("gate_proj")), "mlp_gate")
-    u = checkpoint_name(jnp.einsum("btd,df->btf", h, w("up_proj")), "mlp_up")
+    g = checkpoint_name(jnp.einsum("btd,fd->btf", h, w("gate_proj")), "mlp_gate")
+    u = checkpoint_name(jnp.einsum("btd,fd->btf", h, w("up_proj")), "mlp_up")
     hidden = constrain(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
-    x = x + jnp.einsum("btf,fd->btd", hidden, w("down_proj"))
+    x = x + jnp.einsum("btf,df->btd", hidden, w("down_proj"))
     return constrain(x, ("act_batch", "act_length", "act_embed"))
 
 

@@ -247,11 +247,11 @@ def test_load_onto_mesh_shards_params_and_keeps_logits(untied, mesh_shape, rule_
     specs = jax.tree.map(lambda x: tuple(x.sharding.spec), params)
     axis = "fsdp" if rule_set == "fsdp" else "tensor"
     if rule_set == "fsdp":  # embed axis (vocab for the embedding) over fsdp
-        assert specs["embed"][0] == "fsdp" and specs["layers"]["q_proj"][1] == "fsdp"
+        assert specs["embed"][0] == "fsdp" and specs["layers"]["q_proj"][3] == "fsdp"
         assert specs["layers"]["down_proj"][1] == "fsdp" and specs["lm_head"][0] == "fsdp"
     else:  # heads, mlp and vocab over tensor; 2 kv heads do not divide 4 shards, so k/v stay replicated
-        assert specs["layers"]["q_proj"][2] == "tensor" and specs["layers"]["o_proj"][1] == "tensor"
-        assert specs["layers"]["gate_proj"][2] == "tensor" and specs["embed"][0] == "tensor"
+        assert specs["layers"]["q_proj"][1] == "tensor" and specs["layers"]["o_proj"][2] == "tensor"
+        assert specs["layers"]["gate_proj"][1] == "tensor" and specs["embed"][0] == "tensor"
         assert "tensor" not in specs["layers"]["k_proj"]
     for x in jax.tree.leaves(params):
         if x.ndim > 1 and x.size >= 96 * 40:
@@ -273,8 +273,8 @@ def test_load_reads_fine_slices_when_layers_and_head_dim_are_split(untied):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = {"layers": "data", "head_dim": "tensor", "embed": "fsdp", "heads": "fsdp", "mlp": "tensor"}
     _, params = hf.load_hf(src, mesh=mesh, rules=rules)
-    assert tuple(params["layers"]["o_proj"].sharding.spec) == ("data", "fsdp", "tensor", None)
-    assert tuple(params["layers"]["q_proj"].sharding.spec) == ("data", "fsdp", None, "tensor")
+    assert tuple(params["layers"]["o_proj"].sharding.spec) == ("data", "fsdp", None, "tensor")  # [L, D, H, E]
+    assert tuple(params["layers"]["q_proj"].sharding.spec) == ("data", "fsdp", "tensor", None)  # [L, H, E, D]
     _assert_same_params(hf.load_hf(src)[1], params)
 
 

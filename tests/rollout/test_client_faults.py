@@ -14,7 +14,7 @@ from qednano_jax.config import ModelConfig, RolloutConfig
 from qednano_jax.model import qwen3
 from qednano_jax.model.hf import load_hf
 from qednano_jax.rollout import RolloutError, SamplingParams, make_rollout
-from qednano_jax.rollout.refit import PREFIX, export_version, update_from_disk
+from qednano_jax.rollout.refit import PREFIX, TRASH, export_version, update_from_disk, wait_pruned
 
 
 def good_reply(body, version="w0"):
@@ -168,11 +168,16 @@ def test_export_is_versioned_atomic_and_pruned(tmp_path):
     for v in ["1", "2", "step/3"]:
         path, secs = export_version(CFG, params, tmp_path, v, keep_last=2)
         assert secs > 0 and path.name == PREFIX + v.replace("/", "_")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{PREFIX}2", f"{PREFIX}step_3"]  # no temp dirs
+    kept = [f"{PREFIX}2", f"{PREFIX}step_3"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(TRASH)) == kept  # at once
+    wait_pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept  # no temp dirs, the pruned one deleted
+    (tmp_path / f"{TRASH}weights-0-1-2").mkdir()  # left by a process that died while deleting it
     path, _ = export_version(CFG, jax.tree.map(lambda x: x * 2, params), tmp_path, "2", keep_last=2)  # same version
     _, loaded = load_hf(path)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), 2 * np.asarray(b)), loaded, params)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{PREFIX}2", f"{PREFIX}step_3"]
+    wait_pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
 
 
 def test_update_that_does_not_take_is_an_error(standin, tmp_path):
