@@ -84,6 +84,20 @@ def _is_norm(path: tuple) -> bool:
     return str(getattr(path[-1], "key", path[-1])).endswith("norm")
 
 
+# Layer matrices: how many leading (per-layer) axes make the `out` side. init_params draws each one [in..., out...],
+# the layout these params had before they took HF's, so a seed still gives the same model (the tests' and demos').
+_OUT_AXES = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
+    if name not in _OUT_AXES:
+        return jax.random.normal(key, shape, jnp.float32)
+    n, lead = _OUT_AXES[name], shape[:1]  # the layers axis
+    outs, ins = shape[1:1 + n], shape[1 + n:]
+    x = jax.random.normal(key, (*lead, *ins, *outs), jnp.float32)
+    return jnp.moveaxis(x, tuple(range(1 + len(ins), x.ndim)), tuple(range(1, 1 + n)))
+
+
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random weights: normal(0, initializer_range) matrices, unit norm weights, in `param_dtype`."""
     dtype = jnp.dtype(cfg.param_dtype)
@@ -95,7 +109,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
         if _is_norm(path):
             out.append(jnp.ones(shape, dtype))
         else:
-            out.append((cfg.initializer_range * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+            name = str(getattr(path[-1], "key", path[-1]))
+            out.append((cfg.initializer_range * _normal(k, shape, name)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

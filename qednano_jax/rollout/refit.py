@@ -90,7 +90,7 @@ def _delete_later(dirs: list[Path]) -> None:
     t = threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in dirs],
                          name="qednano-prune")  # not a daemon: the interpreter waits for it at exit
     t.start()
-    _deleting.append(t)
+    _deleting[:] = [d for d in _deleting if d.is_alive()] + [t]  # a long run keeps only the ones still deleting
 
 
 def wait_pruned() -> None:

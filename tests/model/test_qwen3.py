@@ -171,3 +171,25 @@ def test_4b_config_has_4_022_468_096_params():
     assert qwen3.count_params(shapes) == 4_022_468_096
     assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(
         tuple, qwen3.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def test_init_draws_each_matrix_in_its_earlier_layout():
+    """A seed gives the model it gave before the params took HF's [out..., in...] layout: each matrix is drawn
+    [in..., out...] and moved, so the tests' and demos' random models did not change."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=4, initializer_range=0.5)
+    key = jax.random.key(3)
+    params = qwen3.init_params(cfg, key)
+    leaves = jax.tree_util.tree_flatten_with_path(qwen3.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]
+    keys = jax.random.split(key, len(leaves))
+    index = {jax.tree_util.keystr(path): i for i, (path, _) in enumerate(leaves)}
+
+    def drawn(name, shape):
+        return 0.5 * np.asarray(jax.random.normal(keys[index[f"['layers']['{name}']"]], shape))
+
+    L, D, H, K, E, F = 2, 16, 2, 1, 4, 24
+    np.testing.assert_array_equal(params["layers"]["gate_proj"], drawn("gate_proj", (L, D, F)).transpose(0, 2, 1))
+    np.testing.assert_array_equal(params["layers"]["down_proj"], drawn("down_proj", (L, F, D)).transpose(0, 2, 1))
+    np.testing.assert_array_equal(params["layers"]["q_proj"], drawn("q_proj", (L, D, H, E)).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(params["layers"]["k_proj"], drawn("k_proj", (L, D, K, E)).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(params["layers"]["o_proj"], drawn("o_proj", (L, H, E, D)).transpose(0, 3, 1, 2))
