@@ -4,7 +4,7 @@
 
 For each dtype, best of `--repeats`:
 - raw write: safetensors' own `save_file` of the tensors already on the host, already cast and already in HF layout
-  (the linear weights transposed; read back untimed from an export), as one file: serialisation and the file write
+  (read back untimed from an export), as one file: serialisation and the file write
   only (the same reference as benchmarks/rollout.py);
 - save_hf: `model.hf.save_hf` from the on-device params (gather, cast, write each tensor from its buffer, metadata;
   our params are in HF's layout, so there is no transpose);

@@ -220,8 +220,8 @@ def main() -> None:
     for name, rs in refits.items():
         best = min(rs, key=lambda r: r.total_s)
         print(f"  {name:<26} export {best.export_s:.3f}s ({raw / best.export_s:.2f}x; target 0.8x) + update "
-              f"{best.update_s:.3f}s ({raw / best.update_s:.2f}x) = refit {best.total_s:.3f}s ({raw / best.total_s:.2f}x; "
-              f"target 0.5x)")
+              f"{best.update_s:.3f}s ({raw / best.update_s:.2f}x) = refit {best.total_s:.3f}s "
+              f"({raw / best.total_s:.2f}x; target 0.5x)")
     shutil.rmtree(root, ignore_errors=True)
 
 

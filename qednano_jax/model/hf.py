@@ -53,14 +53,17 @@ GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "to
 class Entry:
     """One row of the mapping.
 
-    `hf` is the HF tensor name; `{i}` marks a per-layer tensor, stacked on our leading `layers` axis. `split` = 0:
-    same shape both sides. `split` = n > 0: HF holds a torch Linear weight [out, in] and we hold the same bytes as
-    [out..., in...], our first n (per-layer) axes making HF's `out` axis: a reshape, never a transpose; e.g. q_proj
-    HF [H*E, D] <-> ours [H, E, D] (n = 2), o_proj HF [D, H*E] <-> ours [D, H, E] (n = 1).
+    `hf` is the HF tensor name; `{i}` marks a per-layer tensor, stacked on our leading `layers` axis. `split`
+    (from qwen3.OUT_AXES) = 0: same shape both sides. `split` = n > 0: HF holds a torch Linear weight [out, in] and
+    we hold the same bytes as [out..., in...], our first n (per-layer) axes making HF's `out` axis: a reshape, never
+    a transpose; e.g. q_proj HF [H*E, D] <-> ours [H, E, D] (n = 2), o_proj HF [D, H*E] <-> ours [D, H, E] (n = 1).
     """
     hf: str
     ours: tuple[str, ...]
-    split: int = 0
+
+    @property
+    def split(self) -> int:
+        return qwen3.OUT_AXES.get(self.ours[-1], 0)
 
     @property
     def per_layer(self) -> bool:
@@ -70,16 +73,16 @@ class Entry:
 MAPPING = (
     Entry("model.embed_tokens.weight", ("embed",)),
     Entry("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm")),
-    Entry("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q_proj"), 2),
-    Entry("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k_proj"), 2),
-    Entry("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v_proj"), 2),
+    Entry("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q_proj")),
+    Entry("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k_proj")),
+    Entry("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v_proj")),
     Entry("model.layers.{i}.self_attn.q_norm.weight", ("layers", "q_norm")),
     Entry("model.layers.{i}.self_attn.k_norm.weight", ("layers", "k_norm")),
-    Entry("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o_proj"), 1),
+    Entry("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o_proj")),
     Entry("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm")),
-    Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate_proj"), 1),
-    Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "up_proj"), 1),
-    Entry("model.layers.{i}.mlp.down_proj.weight", ("layers", "down_proj"), 1),
+    Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate_proj")),
+    Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "up_proj")),
+    Entry("model.layers.{i}.mlp.down_proj.weight", ("layers", "down_proj")),
     Entry("model.norm.weight", ("final_norm",)),
     Entry("lm_head.weight", ("lm_head",)),
 )

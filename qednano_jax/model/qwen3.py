@@ -80,19 +80,16 @@ def param_axes(cfg: ModelConfig) -> Params:
     return axes
 
 
-def _is_norm(path: tuple) -> bool:
-    return str(getattr(path[-1], "key", path[-1])).endswith("norm")
-
-
-# Layer matrices: how many leading (per-layer) axes make the `out` side. init_params draws each one [in..., out...],
-# the layout these params had before they took HF's, so a seed still gives the same model (the tests' and demos').
-_OUT_AXES = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+# Layer matrices: how many leading (per-layer) axes make the `out` side (model/hf.py reshapes by it). init_params draws
+# each one [in..., out...], the layout these params had before they took HF's, so a seed still gives the same model
+# (the tests' and demos').
+OUT_AXES = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
-    if name not in _OUT_AXES:
+    if name not in OUT_AXES:
         return jax.random.normal(key, shape, jnp.float32)
-    n, lead = _OUT_AXES[name], shape[:1]  # the layers axis
+    n, lead = OUT_AXES[name], shape[:1]  # the layers axis
     outs, ins = shape[1:1 + n], shape[1 + n:]
     x = jax.random.normal(key, (*lead, *ins, *outs), jnp.float32)
     return jnp.moveaxis(x, tuple(range(1 + len(ins), x.ndim)), tuple(range(1, 1 + n)))
@@ -106,10 +103,10 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     keys = jax.random.split(key, len(leaves))
     out = []
     for (path, shape), k in zip(leaves, keys):
-        if _is_norm(path):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("norm"):
             out.append(jnp.ones(shape, dtype))
         else:
-            name = str(getattr(path[-1], "key", path[-1]))
             out.append((cfg.initializer_range * _normal(k, shape, name)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
