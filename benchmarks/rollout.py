@@ -10,9 +10,11 @@ unless --sglang-busy-poll; only when QEDNANO_SGLANG_VENV is set). Greedy, so eve
 each is warmed up first (compile time reported apart). Targets (issue 15): native >= 1.5x SGLang, >= 3x transformers;
 export >= 0.8x and refit (export + update) >= 0.5x raw write speed.
 
-Refit, per server, best of 3, each after `os.sync()` (untimed, as the raw write): export (`refit.export_version`:
-gather the params to the host, cast, write the safetensors file into a temp dir, rename, set the older exports aside
-for deletion on a background thread, which may overlap the update) and
+Refit, per server, 5 refits with the default keep_last = 2, each after `os.sync()` (untimed, as the raw write); the
+figure is the best of the last 3, the steady state of a training run, where each export overwrites the files of the
+oldest one in place (the first two write new files; all five are printed): export (`refit.export_version`: gather
+the params to the host, cast, write the safetensors file into a temp dir, rename, set older exports aside for
+deletion on a background thread) and
 update (`/update_weights_from_disk` with flush_cache: the server reads the file and copies it into its model; then
 `/get_model_info` to confirm the version). The reference, "raw write", is best of 3 of safetensors' own `save_file`
 of the same tensors, already on the host and already in HF layout, onto the same disk: serialisation and the file
@@ -206,7 +208,7 @@ def main() -> None:
             client = make_rollout(RolloutConfig(backend="sglang", urls=(url,), concurrency=args.prompts,
                                                 refit_dir=str(root / f"refit-{i}")), cfg)
             report(name, bench_rollout(client, prompts, args.new_tokens, full_warmup="SGLang" not in name))
-            refits[name] = [synced_refit(client, new_params if k % 2 == 0 else params, f"v{k}") for k in range(3)]
+            refits[name] = [synced_refit(client, new_params if k % 2 == 0 else params, f"v{k}") for k in range(5)]
         finally:
             stop_server(proc)
 
@@ -215,13 +217,15 @@ def main() -> None:
     for name, tps in rows.items():
         if name != "native (in process)":
             print(f"  native / {name:<26} {nat / tps:6.2f}x")
-    print(f"refit of {qwen3.count_params(params) * 4 / 1e6:.0f} MB (fp32), best of 3; raw safetensors write "
-          f"{raw:.3f}s (best of 3; see the module doc). Speed = raw write s / our s:")
+    print(f"refit of {qwen3.count_params(params) * 4 / 1e6:.0f} MB (fp32), best of refits 3-5; raw safetensors "
+          f"write {raw:.3f}s (best of 3; see the module doc). Speed = raw write s / our s:")
     for name, rs in refits.items():
-        best = min(rs, key=lambda r: r.total_s)
+        best = min(rs[2:], key=lambda r: r.total_s)
         print(f"  {name:<26} export {best.export_s:.3f}s ({raw / best.export_s:.2f}x; target 0.8x) + update "
               f"{best.update_s:.3f}s ({raw / best.update_s:.2f}x) = refit {best.total_s:.3f}s "
               f"({raw / best.total_s:.2f}x; target 0.5x)")
+        print(f"  {'':<26} all five, export + update: "
+              + ", ".join(f"{r.export_s:.3f} + {r.update_s:.3f}" for r in rs))
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -3,9 +3,10 @@
 This is the only refit path open to a JAX/TPU trainer: SGLang's other weight-update routes (from tensors, or over an
 NCCL group) need GPUs shared with the trainer. The export goes to `refit_dir/.tmp-<version>-<pid>` and is renamed to
 `refit_dir/weights-<version>` when complete, so a server never reads a half-written checkpoint; only the newest
-`keep_last` exports are kept. Older ones are renamed out of the way at once and deleted on a background thread: on a
-disk mounted with `discard` (TRIM on every delete), unlinking a 100 MB export took 75-100 ms, mostly waiting on the
-disk, which the refit need not wait for (`wait_pruned` does).
+`keep_last` exports are kept. The oldest export that would be pruned becomes the next export's temp dir, whose
+files the writer overwrites in place (model/hf.py `_ShardWriter`); other old ones are renamed out of the way at once
+and deleted on a background thread: on a disk mounted with `discard` (TRIM on every delete), unlinking a 100 MB
+export took 75-100 ms, mostly waiting on the disk, which the refit need not wait for (`wait_pruned` does).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def export_version(cfg: ModelConfig, params: Any, refit_dir: str | os.PathLike, 
         return final, time.perf_counter() - t0
     final.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    _recycle(final.parent, keep_last, tmp)
     multihost_barrier("qednano_refit_clean")
     save_hf(cfg, params, tmp, dtype=dtype)
     if final.exists():  # re-export of the same version: move the old one aside first, then drop it
@@ -74,7 +76,7 @@ def prune(refit_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     (it is no longer a weights-* directory) and removed on a background thread, with any TRASH left by an earlier
     process; `wait_pruned` waits for that."""
     root = Path(refit_dir)
-    dirs = sorted((d for d in root.glob(PREFIX + "*") if d.is_dir()), key=lambda d: d.stat().st_mtime_ns)
+    dirs = _exports(root)
     gone = dirs[:max(len(dirs) - keep_last, 0)]
     trash = list(root.glob(TRASH + "*"))
     for d in gone:
@@ -82,6 +84,20 @@ def prune(refit_dir: str | os.PathLike, keep_last: int) -> list[Path]:
         os.rename(d, trash[-1])
     _delete_later(trash)
     return gone
+
+
+def _exports(root: Path) -> list[Path]:
+    """The weights-* directories in `root`, oldest export first."""
+    return sorted((d for d in root.glob(PREFIX + "*") if d.is_dir()), key=lambda d: d.stat().st_mtime_ns)
+
+
+def _recycle(root: Path, keep_last: int, tmp: Path) -> None:
+    """Rename to `tmp` the oldest export that the prune after the next one would delete, so that save_hf overwrites
+    its files in place (same names and sizes), on blocks and page cache already held, instead of writing new files
+    while an old one is deleted. Never the newest export: that is the one the servers serve until this refit."""
+    dirs = _exports(root)
+    if len(dirs) >= 2 and len(dirs) + 1 > keep_last:
+        os.rename(dirs[0], tmp)
 
 
 def _delete_later(dirs: list[Path]) -> None:

@@ -6,13 +6,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import requests
 
 from qednano_jax.config import ModelConfig, RolloutConfig
 from qednano_jax.model import qwen3
-from qednano_jax.model.hf import load_hf
+from qednano_jax.model.hf import SINGLE_FILE, load_hf
 from qednano_jax.rollout import RolloutError, SamplingParams, make_rollout
 from qednano_jax.rollout.refit import PREFIX, TRASH, export_version, update_from_disk, wait_pruned
 
@@ -178,6 +179,29 @@ def test_export_is_versioned_atomic_and_pruned(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), 2 * np.asarray(b)), loaded, params)
     wait_pruned()
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_export_overwrites_the_oldest_export_in_place(tmp_path):
+    """With keep_last = 2 the third export reuses the first one's files (same inode: written in place), never the
+    newest one's (the servers' until the refit), and holds exactly its own params; a dtype change (another size)
+    rewrites the file from empty."""
+    params = [qwen3.init_params(CFG, jax.random.key(k)) for k in range(4)]
+    inode = lambda d: (d / SINGLE_FILE).stat().st_ino
+    p1, _ = export_version(CFG, params[0], tmp_path, "1", keep_last=2)
+    first = inode(p1)
+    p2, _ = export_version(CFG, params[1], tmp_path, "2", keep_last=2)
+    assert inode(p2) != first
+    p3, _ = export_version(CFG, params[2], tmp_path, "3", keep_last=2)
+    assert inode(p3) == first and sorted(p.name for p in tmp_path.iterdir()) == [f"{PREFIX}2", f"{PREFIX}3"]
+    for path, want in [(p2, params[1]), (p3, params[2])]:
+        _, loaded = load_hf(path)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, want)
+    p4, _ = export_version(CFG, params[3], tmp_path, "4", keep_last=2, dtype="bfloat16")  # reuses 2: half the size
+    _, loaded = load_hf(p4)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16))),
+                 loaded, params[3])
+    wait_pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{PREFIX}3", f"{PREFIX}4"]
 
 
 def test_update_that_does_not_take_is_an_error(standin, tmp_path):
