@@ -148,15 +148,15 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, seg, kv_attend=Non
     dt = jnp.dtype(cfg.dtype)
     w = lambda name: lp[name].astype(dt)
     h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps)
-    q = checkpoint_name(jnp.einsum("btd,hed->bthe", h, w("q_proj")), "query_proj")
-    k = checkpoint_name(jnp.einsum("btd,ked->btke", h, w("k_proj")), "key_proj")
-    v = checkpoint_name(jnp.einsum("btd,ked->btke", h, w("v_proj")), "value_proj")
+    q = checkpoint_name(_to_heads(h, w("q_proj")), "query_proj")
+    k = checkpoint_name(_to_heads(h, w("k_proj")), "key_proj")
+    v = checkpoint_name(_to_heads(h, w("v_proj")), "value_proj")
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
     q = rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     k = rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), positions_bt, cfg.rope_theta)
     a = _self_attention(cfg, q, k, v, seg) if kv_attend is None else kv_attend(q, k, v)
-    o = checkpoint_name(jnp.einsum("bthe,dhe->btd", a, w("o_proj")), "out_proj")
+    o = checkpoint_name(_from_heads(a, w("o_proj")), "out_proj")
     x = constrain(x_btd + o, ("act_batch", "act_length", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     g = checkpoint_name(jnp.einsum("btd,fd->btf", h, w("gate_proj")), "mlp_gate")
@@ -164,6 +164,21 @@ def _layer(cfg: ModelConfig, lp: Params, x_btd, positions_bt, seg, kv_attend=Non
     hidden = constrain(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
     x = x + jnp.einsum("btf,df->btd", hidden, w("down_proj"))
     return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def _to_heads(h_btd, w_hed):
+    """h @ W.T for a [heads, e, d] projection, as the 2-D matmul of the MLP ([heads * e, d] is the same buffer),
+    -> [b, t, heads, e]. Written as one 3-D einsum, XLA:CPU transposed the weight on every call: in the native
+    engine's decode loop, q/k/v/o of every layer on every step."""
+    b, t, _ = h_btd.shape
+    n, e, d = w_hed.shape
+    return jnp.einsum("btd,fd->btf", h_btd, w_hed.reshape(n * e, d)).reshape(b, t, n, e)
+
+
+def _from_heads(a_bthe, w_dhe):
+    """a @ W.T for the [d, heads, e] output projection, as a 2-D matmul (see _to_heads) -> [b, t, d]."""
+    b, t, n, e = a_bthe.shape
+    return jnp.einsum("btf,df->btd", a_bthe.reshape(b, t, n * e), w_dhe.reshape(w_dhe.shape[0], n * e))
 
 
 def _self_attention(cfg: ModelConfig, q, k, v, seg):
