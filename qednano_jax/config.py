@@ -272,7 +272,8 @@ class RolloutConfig:
                                   "call fails with an error naming the URLs", gt=0)
     refit_dir: str = field("runs/refit", "sglang: directory for exported weights (must be readable by the servers); "
                            "each refit writes refit_dir/weights-<version> atomically")
-    keep_last: int = field(2, "sglang: exported weight directories kept (older ones are deleted)", ge=1)
+    keep_last: int = field(2, "sglang: exported weight directories kept (older ones are deleted; from 2 on, the "
+                           "oldest one's files are overwritten in place by the next export)", ge=1)
     export_dtype: str = field("params", "sglang: dtype of the refit export: the servers' dtype (`bfloat16` for the "
                               "4B configs: half the bytes of fp32 params), or `params` (the params' own dtype)",
                               choices=("params", "bfloat16", "float16", "float32"))
