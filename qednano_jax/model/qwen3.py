@@ -323,7 +323,7 @@ def cache_axes() -> dict:
             "v": ("layers", "act_batch", "act_kv_heads", None, None)}
 
 
-DECODE_BLOCK = 128  # cache slots a decode step reads at a time (forward_cached)
+DECODE_BLOCK = 64  # cache slots a decode step reads at a time (forward_cached); 128 read more empty slots
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
