@@ -1,7 +1,7 @@
 """Weight refit over HTTP: export HF safetensors atomically, then `/update_weights_from_disk` (docs/design.md principle 3).
 
 This is the only refit path open to a JAX/TPU trainer: SGLang's other weight-update routes (from tensors, or over an
-NCCL group) need GPUs shared with the trainer. The export goes to `refit_dir/.tmp-<version>-<pid>` and is renamed to
+NCCL group) need GPUs shared with the trainer. The export goes to `refit_dir/.tmp-weights-<version>` and is renamed to
 `refit_dir/weights-<version>` when complete, so a server never reads a half-written checkpoint; only the newest
 `keep_last` exports are kept. The oldest export that would be pruned becomes the next export's temp dir, whose
 files the writer overwrites in place (model/hf.py `_ShardWriter`); other old ones are renamed out of the way at once

@@ -202,6 +202,9 @@ def test_export_overwrites_the_oldest_export_in_place(tmp_path):
                  loaded, params[3])
     wait_pruned()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{PREFIX}3", f"{PREFIX}4"]
+    one = tmp_path / "keep1"  # keep_last = 1: the only export is the newest (served), so it is never overwritten
+    served = inode(export_version(CFG, params[0], one, "a", keep_last=1)[0])
+    assert inode(export_version(CFG, params[1], one, "b", keep_last=1)[0]) != served
 
 
 def test_update_that_does_not_take_is_an_error(standin, tmp_path):
