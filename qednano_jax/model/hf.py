@@ -438,7 +438,9 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
 
     Weights are saved in `dtype` (default: the params' dtype), split into shards of at most `max_shard_bytes`
     (plus an index) when they do not fit one file. Parameters are gathered to the host one at a time and each shard
-    is written as soon as it is complete, so host memory stays near one shard plus one parameter. Earlier weight
+    is written as soon as it is complete, so host memory stays near one shard plus two parameters: the cast of the
+    next parameter is dispatched before this one is written, so that the two overlap (bf16 export of the
+    benchmarks' small checkpoint: 0.62x -> 0.85x of a raw write of the same bytes). Earlier weight
     files in `path` are removed so that the directory never mixes two checkpoints; writing atomically (temp dir +
     rename) is the caller's job.
 
@@ -466,8 +468,13 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     _prepare_dir(path, names)
     shard, left = None, [sum(1 for s in shard_of.values() if s == i) for i in range(n)]
-    for entry, _ in tqdm(_entries(cfg), desc=f"save {path.name}", disable=None, leave=False):
-        host = _to_host(_in_dtype(_get(params, entry.ours), save_dtype))
+    entries = [entry for entry, _ in _entries(cfg)]
+    ahead = _in_dtype(_get(params, entries[0].ours), save_dtype)
+    for i, entry in enumerate(tqdm(entries, desc=f"save {path.name}", disable=None, leave=False)):
+        leaf = ahead
+        if i + 1 < len(entries):  # dispatched, not awaited: the next cast runs while this leaf is written
+            ahead = _in_dtype(_get(params, entries[i + 1].ours), save_dtype)
+        host = _to_host(leaf)
         for layer in range(cfg.num_layers) if entry.per_layer else [None]:  # in plan order: shard after shard
             name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
             k = shard_of[name]
@@ -479,7 +486,7 @@ def save_hf(config: ModelConfig, params: qwen3.Params, path: str | Path, *, toke
             if not left[k]:
                 shard.close()
                 shard = None
-        del host
+        del leaf, host
     _write_metadata(cfg, path, tensors, names, shard_of, sum(sizes), tokenizer_dir)
     return path
 
