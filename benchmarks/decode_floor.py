@@ -19,6 +19,7 @@ every row in every step, so it overstates what an engine can reach on these prom
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,8 +76,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-floor-"))
-    positions = max(2048, 1 << (args.new_tokens + 64 - 1).bit_length())
-    cfg, params, model_dir = bench.build_checkpoint(root, args.size, positions)
+    try:
+        measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, root: Path) -> None:
+    cfg, params, model_dir = bench.build_checkpoint(root, args.size, args.new_tokens)
     tok = load_tokenizer(model_dir)
     prompts = bench.make_prompts(tok, args.prompts)
     b, n = args.prompts, args.new_tokens

@@ -53,7 +53,9 @@ CORPUS = [f"Let n = {i}. Then n^2 = {i * i}, and n + {j} = {i + j}." for i in ra
     "Hence |a + b| <= |a| + |b|, which completes the proof.", "Therefore x is divisible by 3. QED."] * 5
 
 
-def build_checkpoint(root: Path, size: str, positions: int = 2048) -> tuple[ModelConfig, dict, Path]:
+def build_checkpoint(root: Path, size: str, new_tokens: int) -> tuple[ModelConfig, dict, Path]:
+    """The random checkpoint (HF dir under `root`), with room for a prompt plus `new_tokens` generated tokens."""
+    positions = max(2048, 1 << (new_tokens + 64 - 1).bit_length())
     tok_dir = train_tiny_tokenizer(CORPUS, root / "tokenizer", vocab_size=512)
     tok = load_tokenizer(tok_dir)
     cfg = ModelConfig(vocab_size=len(tok), initializer_range=0.1, max_position_embeddings=positions,
@@ -157,8 +159,7 @@ def main() -> None:
                          "--sleep-on-idle, as the tests run it; on a 2-core machine the busy poller slows the client)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-    positions = max(2048, 1 << (args.new_tokens + 64 - 1).bit_length())  # prompt + generation must fit
-    cfg, params, model_dir = build_checkpoint(root, args.size, positions)
+    cfg, params, model_dir = build_checkpoint(root, args.size, args.new_tokens)
     tok = load_tokenizer(model_dir)
     prompts = make_prompts(tok, args.prompts)
     print(f"checkpoint {args.size}: {qwen3.count_params(params) / 1e6:.1f}M params, {args.prompts} prompts x "
